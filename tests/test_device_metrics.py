@@ -1,0 +1,157 @@
+"""Device metrics: the macmon line parser, the background sampler against a stand-in
+``macmon`` executable (a real child process), and the CPU / missing-tool paths."""
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evaluation.device_metrics import DeviceMonitor, MacmonSampler, NvmlReader, parse_macmon_line
+
+
+def macmon_line(freq: float, util: float, power: float, temp: float) -> str:
+    """One line as ``macmon pipe`` (v0.4+) prints it."""
+    return json.dumps(
+        {
+            "timestamp": "2025-02-24T20:38:15.427569+00:00",
+            "temp": {"cpu_temp_avg": 43.73614, "gpu_temp_avg": temp},
+            "memory": {"ram_total": 25769803776, "ram_usage": 20985479168, "swap_total": 0, "swap_usage": 0},
+            "ecpu_usage": [1181, 0.082656614],
+            "pcpu_usage": [1974, 0.015181795],
+            "gpu_usage": [freq, util],
+            "cpu_power": 0.20486385,
+            "gpu_power": power,
+            "ane_power": 0.0,
+            "all_power": 0.22231553,
+            "sys_power": 5.876533,
+            "ram_power": 0.11635789,
+            "gpu_ram_power": 0.0009615385,
+        }
+    )
+
+
+LINES = [macmon_line(400, 0.10, 1.0, 40.0), macmon_line(800, 0.50, 3.0, 44.0), macmon_line(1200, 0.90, 5.0, 48.0)]
+
+
+def test_parse_real_looking_line():
+    parsed = parse_macmon_line(macmon_line(461, 0.021497859, 0.017451683, 36.95167) + "\n")
+    assert parsed == pytest.approx(
+        {"gpu/freq_mhz": 461.0, "gpu/util_pct": 2.1497859, "gpu/power_w": 0.017451683, "gpu/temp_c": 36.95167}
+    )
+
+
+def test_parse_skips_noise_and_partial_fields():
+    assert parse_macmon_line("") is None
+    assert parse_macmon_line("Warning: something\n") is None
+    assert parse_macmon_line('{"gpu_usage": [461, 0.02') is None  # cut short by a kill
+    assert parse_macmon_line('{"gpu_power": 2.5}') == {"gpu/power_w": 2.5}
+
+
+def write_fake_macmon(folder: Path, lines: list[str], then_sleep: float, interval: float = 0.05) -> Path:
+    """A stand-in ``macmon`` that prints ``lines`` then sleeps ``then_sleep`` s (0: exits)."""
+    script = folder / "macmon"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, time\n"
+        f"for line in {lines!r}:\n"
+        "    print(line, flush=True)\n"
+        f"    time.sleep({interval})\n"
+        f"time.sleep({then_sleep})\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sampler_averages_a_live_stream(tmp_path, monkeypatch):
+    write_fake_macmon(tmp_path, LINES, then_sleep=30.0)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{Path(sys.executable).parent}")
+    sampler = MacmonSampler()  # the default command, found on PATH
+    sampler.start()
+    wait_for(lambda: len(sampler._samples) == 3)
+    out = sampler.read()
+    assert out == pytest.approx({"gpu/freq_mhz": 800.0, "gpu/util_pct": 50.0, "gpu/power_w": 3.0, "gpu/temp_c": 44.0})
+    started = time.monotonic()
+    sampler.stop()  # a child still sleeping is terminated, not waited for
+    assert time.monotonic() - started < 3.0
+    assert sampler.read() == {}
+
+
+def test_sampler_window_drops_old_samples(tmp_path):
+    # Three hot samples, then a steady stream of cool ones: after the window has
+    # passed, only the cool ones may count.
+    script = tmp_path / "macmon"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import time\n"
+        f"for _ in range(3): print({macmon_line(1000, 1.0, 100.0, 90.0)!r}, flush=True)\n"
+        "while True:\n"
+        f"    print({macmon_line(300, 0.0, 1.0, 30.0)!r}, flush=True)\n"
+        "    time.sleep(0.05)\n"
+    )
+    script.chmod(0o755)
+    sampler = MacmonSampler(command=[str(script)], window_s=0.5)
+    sampler.start()
+    wait_for(lambda: len(sampler._samples) >= 3)
+    time.sleep(1.0)
+    out = sampler.read()
+    sampler.stop()
+    assert out == pytest.approx({"gpu/freq_mhz": 300.0, "gpu/util_pct": 0.0, "gpu/power_w": 1.0, "gpu/temp_c": 30.0})
+
+
+def test_sampler_survives_an_early_exit(tmp_path, caplog):
+    script = write_fake_macmon(tmp_path, LINES[:2], then_sleep=0.0)
+    sampler = MacmonSampler(command=[str(script), "pipe", "-i", "500"])
+    sampler.start()
+    wait_for(lambda: sampler.ended)
+    with caplog.at_level(logging.WARNING):
+        out = sampler.read()  # what it printed, once
+        assert sampler.read() == {}  # then nothing
+    assert out == pytest.approx({"gpu/freq_mhz": 600.0, "gpu/util_pct": 30.0, "gpu/power_w": 2.0, "gpu/temp_c": 42.0})
+    assert sum("macmon exited" in r.message for r in caplog.records) == 1
+    sampler.stop()
+
+
+def test_missing_macmon_warns_once(caplog):
+    sampler = MacmonSampler(command=["macmon-that-is-not-installed", "pipe"])
+    with caplog.at_level(logging.WARNING):
+        sampler.start()
+        assert sampler.read() == {}
+        assert sampler.read() == {}
+        sampler.stop()
+    assert sum("not found on PATH" in r.message for r in caplog.records) == 1
+
+
+def test_cpu_monitor_reports_process_metrics():
+    monitor = DeviceMonitor("cpu")
+    monitor.start()
+    sum(i * i for i in range(200_000))  # some CPU work between reads
+    out = monitor.read()
+    monitor.stop()
+    assert set(out) == {"proc/rss_mb", "proc/cpu_pct"}
+    assert out["proc/rss_mb"] > 10.0
+    assert out["proc/cpu_pct"] >= 0.0
+
+
+def test_missing_nvml_warns_and_reads_nothing(caplog, monkeypatch):
+    import pynvml
+
+    def no_library():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_library)  # the same on a machine with a GPU
+    reader = NvmlReader(0)
+    with caplog.at_level(logging.WARNING):
+        reader.start()
+        assert reader.read() == {}
+        reader.stop()
+    assert sum("NVML unavailable" in r.message for r in caplog.records) == 1

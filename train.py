@@ -1,0 +1,486 @@
+"""The training loop and the eval-only mode. Nothing here is model- or loss-specific.
+
+    run(cfg) ─┬─ eval_checkpoint set → evaluate_checkpoint: rebuild, evaluate, print, JSON
+              └─ otherwise           → Trainer(cfg).fit(): per epoch
+                    train_epoch (step: loss → backward → clip → optimizer → EMA)
+                    → evaluate (EMA weights) → log → snapshot (last.pt / archive)
+
+Exact resume: the data order of epoch e comes from a generator seeded by (seed, e),
+evaluation draws its noise from its own generator, and the global RNG states are
+saved at the epoch boundary, so N epochs straight and k + resume + (N - k) epochs
+produce bit-identical weights on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm import tqdm
+
+from dataloaders.base_dataloaders import DictDatasetAdapter, collate_base_items, make_time_sampler, stack_targets
+from evaluation.energy_distance import energy_distance
+from evaluation.sample import sample_flow, sample_meanflow
+from models.checkpoint import build_model, load_model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap
+from models.ema import EMA
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or must stop; the message is one line for the user."""
+
+
+# ---------------------------------------------------------------------------------
+# Set-up: validation, device, seeds
+# ---------------------------------------------------------------------------------
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the values a user types on the command line, once, before anything runs."""
+    checks = [
+        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs={cfg.epochs}: expected an integer >= 1"),
+        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: expected an integer >= 1"),
+        (cfg.precision in PRECISIONS, f"precision={cfg.precision}: expected one of {list(PRECISIONS)}"),
+        (cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: expected >= 0"),
+        (cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: expected >= 0 (0: no limit)"),
+        (cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps}: expected >= 0"),
+        (cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip}: expected >= 0 (0 disables)"),
+        (cfg.eval.every_epochs >= 1, f"eval.every_epochs={cfg.eval.every_epochs}: expected >= 1"),
+        (cfg.eval.num_samples >= 2, f"eval.num_samples={cfg.eval.num_samples}: expected >= 2"),
+        (cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps}: expected >= 1"),
+        (all(k >= 1 for k in cfg.eval.meanflow_steps), f"eval.meanflow_steps={list(cfg.eval.meanflow_steps)}: expected integers >= 1"),
+        (cfg.checkpoint.every_epochs >= 1, f"checkpoint.every_epochs={cfg.checkpoint.every_epochs}: expected >= 1"),
+        (cfg.checkpoint.archive_every_epochs >= 0, f"checkpoint.archive_every_epochs={cfg.checkpoint.archive_every_epochs}: expected >= 0"),
+        (cfg.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+         f"compile_mode={cfg.compile_mode}: expected default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs"),
+        (len(cfg.dataloaders.data_shape) in (1, 3), f"dataloaders.data_shape={list(cfg.dataloaders.data_shape)}: expected [D] or [C, H, W]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RunError(message)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise RunError("device=mps but this machine has no Apple MPS backend: use device=auto or device=cpu")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RunError(f"device={name} but CUDA is not available on this machine: use device=auto or device=cpu")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise RunError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..")
+        return torch.device(name)
+    raise RunError(f"device={name}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, _, gauss = random.getstate()
+    random.setstate((version, tuple(state["python"]), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPaths:
+    last: Path  # outputs/ckpts/<arch>/<run>/last.pt
+    archive_dir: Path  # outputs/ckpts/<arch>/archive/
+    plots: Path  # outputs/runs/<run>/plots/
+
+    def archive(self, run_name: str, epoch: int) -> Path:
+        return self.archive_dir / f"{run_name}_epoch_{epoch:04d}.pt"
+
+
+def run_paths(cfg: DictConfig) -> RunPaths:
+    root = Path(cfg.output_dir)
+    arch_dir = root / "ckpts" / cfg.model.name
+    return RunPaths(arch_dir / cfg.run_name / "last.pt", arch_dir / "archive", root / "runs" / cfg.run_name / "plots")
+
+
+# ---------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------
+
+
+def make_dataset(cfg: DictConfig, split: str) -> Dataset:
+    return instantiate(cfg.dataloaders.dataset, split=split)
+
+
+def make_train_loader(cfg: DictConfig, dataset: Dataset, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
+    """A loader whose shuffling is fixed by (seed, epoch): the basis of exact resume."""
+    sampler_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    time_sampler = make_time_sampler(cfg.dataloaders.time_sampler, cfg.dataloaders.time_mean, cfg.dataloaders.time_std)
+    adapter = DictDatasetAdapter(dataset, time_sampler)
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(adapter, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(adapter, generator=sampler_gen)
+    return DataLoader(
+        adapter,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_base_items,
+        num_workers=cfg.num_workers,
+        pin_memory=bool(cfg.dataloaders.get("pin_memory", False)),
+        persistent_workers=False,
+    )
+
+
+def eval_reference_sets(cfg: DictConfig, n: int) -> tuple[Tensor, Tensor]:
+    """``n`` held-out data samples and ``n`` from an independent draw (for the floor)."""
+    test = make_dataset(cfg, "test")
+    reference = make_dataset(cfg, "reference")
+    if len(test) < n or len(reference) < n:
+        n = min(len(test), len(reference))
+    gen = torch.Generator().manual_seed(cfg.seed + 12345)
+    pick_test = torch.randperm(len(test), generator=gen)[:n].tolist()
+    pick_ref = torch.randperm(len(reference), generator=gen)[:n].tolist()
+    return stack_targets(test, pick_test)[0].float(), stack_targets(reference, pick_ref)[0].float()
+
+
+# ---------------------------------------------------------------------------------
+# Evaluation (shared by training and eval_checkpoint)
+# ---------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Samples with a fixed noise generator, so the numbers at an epoch are a function
+    of the weights alone and ``eval_checkpoint`` reproduces them."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.is_meanflow = cfg.loss.name == "meanflow"
+        self.held_out, reference = eval_reference_sets(cfg, cfg.eval.num_samples)
+        self.floor = energy_distance(self.held_out, reference)
+
+    def noise(self) -> tuple[Tensor, Tensor | None]:
+        n = self.held_out.shape[0]
+        gen = torch.Generator().manual_seed(self.cfg.seed + 777)
+        x0 = torch.randn(n, *self.cfg.dataloaders.data_shape, generator=gen)
+        labels = None
+        if self.cfg.model.num_classes > 0:
+            labels = torch.randint(self.cfg.model.num_classes, (n,), generator=gen)
+        return x0.to(self.device), None if labels is None else labels.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """Returns (metrics, samples by name) for the EMA model."""
+        x0, labels = self.noise()
+        ecfg = self.cfg.eval
+        samples = {}
+        result = sample_flow(
+            model, x0, solver=self.cfg.solver.name, num_steps=ecfg.steps, label=labels,
+            guidance_scale=ecfg.guidance_scale, num_classes=self.cfg.model.num_classes,
+        )
+        samples[f"{self.cfg.solver.name}{ecfg.steps}"] = result.samples
+        metrics = {
+            "eval/energy_distance": energy_distance(result.samples.cpu(), self.held_out),
+            "eval/energy_distance_floor": self.floor,
+        }
+        if self.is_meanflow:
+            for k in ecfg.meanflow_steps:
+                mf = sample_meanflow(model, x0, num_steps=k, label=labels).samples
+                samples[f"meanflow{k}"] = mf
+                metrics[f"eval/energy_distance_{k}step"] = energy_distance(mf.cpu(), self.held_out)
+        return metrics, samples
+
+
+def save_plot(cfg: DictConfig, samples: dict[str, Tensor], data: Tensor, path: Path, title: str) -> Path:
+    """Scatter of samples over data for 2-D runs (first two coordinates otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4), squeeze=False)
+    lim = float(data[:, :2].abs().max()) * 1.2
+    for ax, (name, pts) in zip(axes[0], samples.items()):
+        pts = pts.cpu()
+        ax.scatter(data[:, 0], data[:, 1], s=2, c="lightgray", label="data")
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:blue", label="samples")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=f"{title} · {name}")
+        ax.legend(loc="upper right", markerscale=4, fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------
+
+
+def warmup_lambda(warmup_steps: int):
+    """Linear warm-up from 1/warmup to 1, then constant (MeanFlow, DiT setups)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, rank: int = 0, world: int = 1) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.world = world
+        self.is_main = rank == 0
+        self.device = resolve_device(cfg.device)
+        self.paths = run_paths(cfg)
+        self.resume_state = self._check_run_folder()
+
+        seed_everything(cfg.seed + rank)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+
+        self.train_set = make_dataset(cfg, "train")
+        if len(self.train_set) < cfg.batch_size * world:
+            raise RunError(f"batch_size={cfg.batch_size} exceeds the training set ({len(self.train_set)} samples per epoch)")
+        self.model = build_model(cfg.model).to(self.device)
+        self.loss_fn = instantiate({k: v for k, v in cfg.loss.items() if k != "name"}).to(self.device)
+        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.halflife_samples)
+        self.optimizer = instantiate(cfg.optimizer)(self.model.parameters())
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))
+        self.autocast_dtype = PRECISIONS[cfg.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.step_model = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+        self.step = 0
+        self.epoch = 0
+        self.last_metrics: dict[str, float] = {}
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        self.evaluator = Evaluator(cfg, self.device) if self.is_main else None
+        self.tracker = None
+
+    # --- run folder ------------------------------------------------------------------
+
+    def _check_run_folder(self) -> dict | None:
+        """Refuse to clobber an existing run; find the checkpoint to resume from."""
+        cfg, last = self.cfg, self.paths.last
+        if cfg.resume:
+            if not last.exists():
+                raise RunError(f"resume=true but run {cfg.run_name!r} has no checkpoint at {last}: drop resume=true to start it")
+            return read_checkpoint(last)
+        if last.exists() and not cfg.overwrite:
+            raise RunError(
+                f"run {cfg.run_name!r} already has {last}: pass resume=true to continue it, "
+                "overwrite=true to start over (the old last.pt is archived), or choose another run_name"
+            )
+        return None
+
+    def _restore(self, state: dict) -> None:
+        saved_model = state["config"]["model"]
+        if OmegaConf.to_container(self.cfg.model, resolve=True) != saved_model:
+            raise RunError(f"resume=true but model config differs from the checkpoint's ({saved_model}): resume with the same model settings")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.last_metrics = dict(state.get("metrics", {}))
+        set_rng_state(state["rng"])
+
+    # --- the step --------------------------------------------------------------------
+
+    def train_step(self, batch) -> Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = self.loss_fn(self.step_model, batch)
+        if not torch.isfinite(loss):
+            raise RunError(f"loss became {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}); the last good checkpoint is kept at {self.paths.last}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.ema.update(self.model, self.cfg.batch_size * self.world)
+        self.step += 1
+        return loss.detach()
+
+    def train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        loader = make_train_loader(self.cfg, self.train_set, self.epoch, self.rank, self.world)
+        total, count = torch.zeros((), device=self.device), 0
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.is_main,
+                   dynamic_ncols=True, mininterval=0.5)
+        for batch in bar:
+            total += self.train_step(batch)
+            count += 1
+            if count % 20 == 0:
+                rate = count * self.cfg.batch_size * self.world / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.0f}")
+            if self.cfg.max_steps and self.step >= self.cfg.max_steps:
+                break
+        seconds = time.perf_counter() - start
+        self.epoch += 1
+        return {
+            "epoch": self.epoch,
+            "train/loss": total.item() / max(count, 1),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/samples_per_sec": count * self.cfg.batch_size * self.world / seconds,
+            "train/epoch_seconds": seconds,
+        }
+
+    # --- maintenance -----------------------------------------------------------------
+
+    def evaluate(self) -> tuple[dict[str, float], Path | None]:
+        metrics, samples = self.evaluator(self.ema.module)
+        plot = None
+        if self.cfg.eval.plot and len(self.cfg.dataloaders.data_shape) == 1:
+            plot = save_plot(self.cfg, samples, self.evaluator.held_out, self.paths.plots / f"epoch_{self.epoch:04d}.png",
+                             f"{self.cfg.run_name} epoch {self.epoch}")
+        return metrics, plot
+
+    def snapshot(self, archive: bool) -> None:
+        state = {
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "rng": rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "metrics": self.last_metrics,
+        }
+        save_checkpoint(state, self.paths.last)
+        if archive:
+            save_checkpoint(state, self.paths.archive(self.cfg.run_name, self.epoch))
+
+    def _start_tracking(self) -> None:
+        if not (self.cfg.trackio.enabled and self.is_main):
+            return
+        import trackio
+
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        config["command"] = " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("launcher.py") else ""
+        trackio.init(project=self.cfg.trackio.project, name=self.cfg.run_name, config=config,
+                     resume="must" if self.cfg.resume else "never", embed=False, auto_log_gpu=False, auto_log_cpu=False)
+        self.tracker = trackio
+
+    def _archive_overwritten_run(self) -> None:
+        if self.cfg.overwrite and self.paths.last.exists() and self.is_main:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.paths.archive_dir.mkdir(parents=True, exist_ok=True)
+            self.paths.last.replace(self.paths.archive_dir / f"{self.cfg.run_name}_overwritten_{stamp}.pt")
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        self._archive_overwritten_run()
+        self._start_tracking()
+        if self.is_main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            print(f"run {cfg.run_name}: {cfg.model.name} ({n_params / 1e6:.2f}M params), loss {cfg.loss.name}, "
+                  f"{cfg.dataloaders.name}, device {self.device}, epochs {self.epoch + 1}..{cfg.epochs}", flush=True)
+        try:
+            while self.epoch < cfg.epochs and not (cfg.max_steps and self.step >= cfg.max_steps):
+                metrics = self.train_epoch()
+                last_epoch = self.epoch >= cfg.epochs or bool(cfg.max_steps and self.step >= cfg.max_steps)
+                if self.is_main:
+                    self._end_of_epoch(metrics, last_epoch)
+        finally:
+            if self.tracker is not None:
+                self.tracker.finish()
+        return self.last_metrics
+
+    def _end_of_epoch(self, metrics: dict[str, float], last_epoch: bool) -> None:
+        cfg = self.cfg
+        plot = None
+        if self.epoch % cfg.eval.every_epochs == 0 or last_epoch:
+            eval_metrics, plot = self.evaluate()
+            metrics |= eval_metrics
+            self.last_metrics = {"epoch": self.epoch, "step": self.step, **eval_metrics}
+        summary = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k != "epoch")
+        print(f"epoch {self.epoch}/{cfg.epochs} step {self.step}  {summary}", flush=True)
+        if self.tracker is not None:
+            logged = dict(metrics)
+            if plot is not None:
+                logged["eval/samples"] = self.tracker.Image(str(plot), caption=f"epoch {self.epoch}")
+            self.tracker.log(logged, step=self.step)
+        archive = cfg.checkpoint.archive_every_epochs > 0 and self.epoch % cfg.checkpoint.archive_every_epochs == 0
+        if self.epoch % cfg.checkpoint.every_epochs == 0 or last_epoch or archive:
+            self.snapshot(archive)
+
+
+# ---------------------------------------------------------------------------------
+# Eval-only mode
+# ---------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """Rebuild the model from the checkpoint's own config, evaluate, print, write JSON.
+    Only ``device`` and ``output_dir`` come from the command line, so the numbers match
+    the ones the run logged at that epoch."""
+    device = resolve_device(cfg.device)
+    model, saved_cfg, state = load_model_from_checkpoint(cfg.eval_checkpoint, device)
+    with open_dict(saved_cfg):
+        saved_cfg.device = cfg.device
+    metrics, _ = Evaluator(saved_cfg, device)(model)
+    result = {"checkpoint": str(cfg.eval_checkpoint), "run_name": saved_cfg.run_name, "epoch": int(state["epoch"]),
+              "step": int(state["step"]), **metrics}
+    out = Path(cfg.output_dir) / "eval" / saved_cfg.run_name / f"epoch_{int(state['epoch']):04d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    print(f"results written to {out}")
+    return result
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Entry point used by the launcher, the Modal app and torchrun workers."""
+    validate_config(cfg)
+    if cfg.eval_checkpoint:
+        return evaluate_checkpoint(cfg)
+    return Trainer(cfg).fit()

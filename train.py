@@ -257,6 +257,23 @@ def save_plot(cfg: DictConfig, samples: dict[str, Tensor], data: Tensor, path: P
 # ---------------------------------------------------------------------------------
 
 
+class LossModule(nn.Module):
+    """Model and loss in one module whose ``forward(batch)`` returns the loss.
+
+    This is what gets compiled and DDP-wrapped: the whole loss, the MeanFlow JVP
+    included, runs inside the wrapper's forward, so DDP's gradient hooks see every
+    parameter use (calling ``model.module`` from outside would skip the all-reduce).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
 def warmup_lambda(warmup_steps: int):
     """Linear warm-up from 1/warmup to 1, then constant (MeanFlow, DiT setups)."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -288,7 +305,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))
         self.autocast_dtype = PRECISIONS[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
-        self.step_model = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+        self.loss_module = LossModule(self.model, self.loss_fn)
+        self.step_module = torch.compile(self.loss_module, mode=cfg.compile_mode) if cfg.compile else self.loss_module
         self.step = 0
         self.epoch = 0
         self.last_metrics: dict[str, float] = {}
@@ -331,7 +349,7 @@ class Trainer:
     def train_step(self, batch) -> Tensor:
         batch = batch.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss = self.loss_fn(self.step_model, batch)
+            loss = self.step_module(batch)
         if not torch.isfinite(loss):
             raise RunError(f"loss became {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}); the last good checkpoint is kept at {self.paths.last}")
         self.optimizer.zero_grad(set_to_none=True)

@@ -53,11 +53,17 @@ def command_of(config: dict, run_name: str) -> str:
     return f"python launcher.py run_name={run_name} ...  # the run's config holds no command or overrides"
 
 
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def select_rows(logs: list[dict], max_rows: int) -> tuple[list[str], list[dict], int]:
     """The columns to show, the logged entries that carry epoch/eval values, and
     how many such entries there were before more than ``max_rows`` were thinned
     evenly (first and last kept)."""
-    eval_keys = sorted({key for entry in logs for key in entry if key.startswith("eval/")})
+    eval_keys = sorted(
+        {key for entry in logs for key, value in entry.items() if key.startswith("eval/") and is_number(value)}
+    )  # media (eval/samples images) are dicts in the log: not table cells
     columns = ["epoch", "step", "train/loss", *eval_keys]
     rows = [entry for entry in logs if "epoch" in entry or any(key in entry for key in eval_keys)]
     total = len(rows)
@@ -71,7 +77,7 @@ def select_rows(logs: list[dict], max_rows: int) -> tuple[list[str], list[dict],
 def results_table(columns: list[str], rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for index, row in enumerate(rows):
-        cells = [format_value(row.get(column)) for column in columns]
+        cells = [format_value(row.get(column)) if is_number(row.get(column)) else "" for column in columns]
         if index == len(rows) - 1:  # the final numbers are the ones a reader looks for
             cells = [f"**{cell}**" if cell else cell for cell in cells]
         lines.append("| " + " | ".join(cells) + " |")

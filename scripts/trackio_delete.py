@@ -17,8 +17,9 @@ through trackio's own API, ``trackio.Api().runs(project)`` then ``Run.delete()``
 (which is ``SQLiteStorage.delete_run``): it removes the run's metrics, config,
 system metrics, alerts and traces and detaches its artifact links. Two runs may
 share a name (a name reused after a crash); each is its own run id here, listed
-and deleted separately. Media files a run logged (images, videos) stay under
-``$TRACKIO_DIR/media``: trackio's delete leaves them.
+and deleted separately. trackio's delete leaves the media a run logged (the
+training loop's sample plots) in ``$TRACKIO_DIR/media/<project>/<run name>/``;
+this script removes that folder too, once no run of that name is left.
 
 A missing project, a project with no runs, an invalid pattern or a pattern that
 matches nothing prints one line and exits 2 with nothing deleted; declining the
@@ -29,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
+from pathlib import Path
 
 from trackio.api import Api, Run
 from trackio.sqlite_storage import SQLiteStorage
-from trackio.utils import TRACKIO_DIR
+from trackio.utils import TRACKIO_DIR, project_media_dir
 
 DEFAULT_PROJECT = "denoising-zoo"
 
@@ -53,10 +56,23 @@ def load_runs(project: str) -> list[Run]:
     return runs
 
 
+def media_dir(project: str, run_name: str) -> Path:
+    """Where trackio keeps a run's media: one folder per run name (see trackio.media)."""
+    return project_media_dir(project) / run_name
+
+
+def folder_size(folder: Path) -> str:
+    if not folder.is_dir():
+        return "-"
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.0f} kB"
+
+
 def print_table(project: str, runs: list[Run]) -> None:
-    """One row per run: name, short id, creation time, logged entries, last step."""
+    """One row per run: name, short id, creation time, logged entries, last step,
+    and the size of the run name's media folder."""
     created = {record["id"]: record["created_at"] for record in SQLiteStorage.get_run_records(project)}
-    rows = [("run", "id", "created", "entries", "last step")]
+    rows = [("run", "id", "created", "entries", "last step", "media")]
     for run in runs:
         last_step = SQLiteStorage.get_last_step(project, run_id=run.id)
         rows.append(
@@ -66,6 +82,7 @@ def print_table(project: str, runs: list[Run]) -> None:
                 (created.get(run.id) or "")[:19].replace("T", " "),
                 str(SQLiteStorage.get_log_count(project, run_id=run.id)),
                 "-" if last_step is None else str(last_step),
+                folder_size(media_dir(project, run.name)),
             )
         )
     widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
@@ -125,6 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         if not run.delete():
             fail(f"trackio could not delete run {run.name!r} (id {run.id}); later matches were kept")
         print(f"deleted {run.name} ({run.id[:8]})")
+    remaining = {run.name for run in runs if run not in chosen}
+    for name in sorted({run.name for run in chosen} - remaining):
+        folder = media_dir(args.project, name)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+            print(f"removed media folder {folder}")
 
 
 if __name__ == "__main__":

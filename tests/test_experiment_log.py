@@ -15,10 +15,14 @@ MAKE_STORE = f"""
 import trackio
 config = {{"run_name": "mlp_moons", "model": {{"name": "mlp", "hidden": 64}}, "loss": {{"name": "mse"}},
            "optimizer": {{"lr": 0.001}}, "command": {COMMAND!r}}}
+import numpy as np
+from PIL import Image
+Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save("samples.png")
 trackio.init(project="denoising-zoo", name="mlp_moons", config=config)
 for epoch in range(3):
     trackio.log({{"epoch": epoch, "train/loss": 1.0 / (epoch + 1), "train/lr": 1e-3,
-                 "eval/energy_distance": 0.5 / (epoch + 1), "eval/energy_distance_floor": 0.0021}})
+                 "eval/energy_distance": 0.5 / (epoch + 1), "eval/energy_distance_floor": 0.0021,
+                 "eval/samples": trackio.Image("samples.png")}})  # media, as train.py logs plots
 trackio.finish()
 trackio.init(project="denoising-zoo", name="mlp_overrides",
              config={{"run_name": "mlp_overrides", "overrides": ["model=mlp", "epochs=2"]}})
@@ -32,7 +36,7 @@ trackio.finish()
 def store(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("trackio")
     env = {**os.environ, "TRACKIO_DIR": str(store)}
-    subprocess.run([sys.executable, "-c", MAKE_STORE], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", MAKE_STORE], env=env, check=True, capture_output=True, cwd=store)
     return store
 
 

@@ -18,11 +18,14 @@ PROJECT = "denoising-zoo"
 RUNS = {"mlp_lr1": 3, "mlp_lr2": 2, "unet_base": 4}  # name -> number of logged epochs
 
 MAKE_STORE = f"""
+import numpy as np
 import trackio
+from PIL import Image
+Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save("plot.png")
 for name, epochs in {RUNS!r}.items():
     trackio.init(project={PROJECT!r}, name=name, config={{"run_name": name}})
     for epoch in range(epochs):
-        trackio.log({{"epoch": epoch, "train/loss": 1.0 / (epoch + 1)}})
+        trackio.log({{"epoch": epoch, "train/loss": 1.0 / (epoch + 1), "eval/samples": trackio.Image("plot.png")}})
     trackio.finish()
 trackio.init(project="other-project", name="mlp_elsewhere")
 trackio.log({{"epoch": 0}})
@@ -43,7 +46,7 @@ def env_for(store: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def template_store(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("trackio_template")
-    subprocess.run([sys.executable, "-c", MAKE_STORE], env=env_for(store), check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", MAKE_STORE], env=env_for(store), check=True, capture_output=True, cwd=store)
     return store
 
 
@@ -78,7 +81,9 @@ def test_list_shows_runs_sizes_and_last_step(store):
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
     assert set(rows) == set(RUNS)
     for name, epochs in RUNS.items():
-        assert rows[name][-2:] == [str(epochs), str(epochs - 1)]  # entries, last step
+        # name, id, date, time, entries, last step, media size
+        assert rows[name][4:6] == [str(epochs), str(epochs - 1)]
+        assert rows[name][7] == "kB"
 
 
 def test_dry_run_deletes_nothing(store):
@@ -101,6 +106,8 @@ def test_confirmed_deletion_removes_exactly_the_matches(store):
     result = run_script(store, "lr\\d$", stdin="y\n")
     assert result.returncode == 0, result.stderr
     assert runs_left(store) == {"unet_base": 4}
+    media = store / "media" / PROJECT
+    assert sorted(p.name for p in media.iterdir()) == ["unet_base"]  # trackio leaves media; the script removes it
     # the other project's run named like a match is untouched
     other = run_script(store, "--list", "--project", "other-project")
     assert "mlp_elsewhere" in other.stdout

@@ -1,0 +1,197 @@
+"""DiT: Diffusion Transformer (Peebles & Xie 2023) as a mean-velocity field.
+
+The state (B, C, H, W) is cut into p x p patches, linearly embedded and given fixed
+2-D sin-cos position embeddings; a stack of adaLN-Zero transformer blocks
+(Peebles & Xie 2023, Sec. 3.2) is conditioned on one vector c = emb(s) + emb'(t - s)
++ emb(class) (``models/embeddings.py``: the MeanFlow paper's (time, interval)
+choice, with a learned null class at index ``num_classes`` for guidance); a final
+adaLN layer and a linear map give p*p*C values per token, unpatchified back to
+(B, C, H, W). No learned variance: the output has exactly the state's channels.
+
+Sizes (depth / hidden / heads): S 12/384/6, B 12/768/12, L 24/1024/16, XL 28/1152/16.
+With 4x32x32 latents and p=2 the class-conditional (1000 classes) models have
+33.1M / 131.1M / 459.1M / 676.4M parameters, 0.3% / 0.8% / 0.2% / 0.2% above the
+paper's 33M / 130M / 458M / 675M: the second time embedder adds 0.25M-1.6M and
+the output has no learned-sigma channels (a few thousand fewer). Unconditional:
+32.7M / 130.3M / 458.1M / 675.3M. ``tests/test_models.py`` checks them.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from dataloaders.base_dataloaders import split_unified_input
+from models.attention import attention
+from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_labels
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
+    """Fixed 2-D sin-cos position embedding (Vaswani et al. 2017 per axis, as in MAE/DiT).
+
+    Half of the channels encode the row, half the column, each with ``dim / 4``
+    frequencies. Returns (grid * grid, dim), tokens in row-major order.
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # (grid, grid) each
+
+    def embed(p: Tensor) -> Tensor:
+        args = p.reshape(-1)[:, None] * omega[None]  # (T, dim/4)
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (T, dim/2)
+
+    return torch.cat([embed(cols), embed(rows)], dim=1).float()  # (T, dim)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: (B, T, D) scaled and shifted per sample by (B, D) vectors."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, D/heads)
+        h = attention(q, k, v).transpose(1, 2).reshape(b, n, d)  # (B, T, D)
+        return self.proj(h)
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (Peebles & Xie 2023, Fig. 3)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        # shift, scale, gate for the attention and for the MLP branch
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)  # each (B, D)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))  # (B, T, D)
+        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN then a linear map to p*p*C values per token: (B, T, D) -> (B, T, p*p*C)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # each (B, D)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """``u(x_s, s, t)`` for images or latents (B, C, H, W).
+
+    Args:
+        in_channels: C, the state's channels (the unified input has C + 2).
+        image_size: H = W; must be divisible by ``patch_size``.
+        patch_size: p, side of a square patch (2, 4 or 8 in the paper).
+        hidden_size: token width D.
+        depth: number of transformer blocks.
+        num_heads: attention heads (must divide D).
+        mlp_ratio: MLP width / D.
+        num_classes: 0 for unconditional; else a class embedding with a learned null
+            class at index ``num_classes``.
+        frequency_dim: size of the sinusoidal time embeddings before their MLPs.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        patch_size: int = 2,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        frequency_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size != 0:
+            fits = [p for p in (1, 2, 4, 8, 16) if image_size % p == 0]
+            raise ValueError(f"DiT image_size={image_size} is not divisible by patch_size={patch_size}: use a patch size in {fits}")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"DiT hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        if hidden_size % 4 != 0:
+            raise ValueError(f"DiT hidden_size={hidden_size} must be a multiple of 4 for the 2-D sin-cos position embedding")
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.grid = image_size // patch_size
+
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        # fixed, not learned; recomputed at construction, so not stored in checkpoints
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
+        self.time_embed = IntervalTimeEmbedder(hidden_size, frequency_dim)
+        self.class_embed = ClassEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                # Xavier-uniform for every linear layer, as in ViT/DiT.
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Patch embedding initialised like a linear layer on the flattened patch.
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        # Time MLPs and class table with N(0, 0.02), the DiT choice: small conditioning
+        # vectors at first, so the zeroed adaLN layers below dominate.
+        for embedder in (self.time_embed.s_embedder, self.time_embed.interval_embedder):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
+        if self.class_embed is not None:
+            nn.init.normal_(self.class_embed.table.weight, std=0.02)
+        # adaLN-Zero: zero modulation, so every gate is 0 and each block starts as the
+        # identity (Peebles & Xie 2023, Sec. 3.2).
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # Zero final layer: the initial velocity is 0 everywhere.
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(B, T, p*p*C) -> (B, C, H, W)."""
+        b, p, g, c = x.shape[0], self.patch_size, self.grid, self.in_channels
+        x = x.reshape(b, g, g, p, p, c)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        check_labels(self.num_classes, y)
+        x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
+        h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, T, D), T = (H/p)(W/p)
+        h = h + self.pos_embed.to(h.dtype)  # (B, T, D)
+        c = self.time_embed(s, t)  # (B, D)
+        if self.class_embed is not None:
+            c = c + self.class_embed(y, x.shape[0], x.device)
+        for block in self.blocks:
+            h = block(h, c)  # (B, T, D)
+        h = self.final_layer(h, c)  # (B, T, p*p*C)
+        return self.unpatchify(h)  # (B, C, H, W)

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -199,3 +201,40 @@ def test_digits_upsampled(mode):
 def test_digits_bad_size():
     with pytest.raises(ValueError, match="image_size"):
         digits.make_dataset("train", image_size=12)
+
+
+# ---------------------------------------------------------------------------------
+# Configs: every image data config composes and builds its three splits
+# ---------------------------------------------------------------------------------
+
+
+def compose_data(choice: str, overrides: list[str]):
+    config_dir = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        cfg = compose("train", overrides=[f"dataloaders={choice}", "run_name=test", *overrides])
+    return cfg, {split: instantiate(cfg.dataloaders.dataset, split=split) for split in ("train", "test", "reference")}
+
+
+def test_configs_build_datasets(tmp_path):
+    write_cifar(tmp_path / "cifar")
+    for i in range(4):
+        solid_image(tmp_path / "celeba" / "img_align_celeba" / f"{i:06d}.jpg", (178, 218), (i, i, i))
+    for wnid in ("n1", "n2"):
+        solid_image(tmp_path / "inet" / wnid / "a.JPEG", (300, 260), (9, 9, 9))
+    cases = {
+        "digits": [],
+        "cifar10": [f"dataloaders.root={tmp_path / 'cifar'}"],
+        "celeba": [f"dataloaders.root={tmp_path / 'celeba'}", "dataloaders.dataset.test_fraction=0.25"],
+        "imagenet": [
+            f"dataloaders.image_dir={tmp_path / 'inet'}",
+            "dataloaders.mode=images",
+            "dataloaders.num_classes=2",
+        ],
+    }
+    for choice, overrides in cases.items():
+        cfg, splits = compose_data(choice, overrides)
+        x, label = splits["train"][0]
+        expected = list(cfg.dataloaders.data_shape) if choice != "imagenet" else [3, 256, 256]  # images mode
+        assert list(x.shape) == expected, choice
+        assert (label == -1) == (cfg.dataloaders.num_classes == 0), choice
+        assert all(len(s) > 0 for s in splits.values()), choice

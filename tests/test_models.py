@@ -197,3 +197,17 @@ def test_bad_image_sizes_raise_clear_errors():
         DiT(4, 30, patch_size=4)
     with pytest.raises(ValueError, match=r"attention_resolutions=\[16\] must be among"):
         UNet(3, 8, model_channels=8, channel_mult=(1, 2), attention_resolutions=(16,))
+
+
+@pytest.mark.parametrize("patch_size", [2, 4, 8])
+def test_dit_patch_sizes_unpatchify_to_the_state(patch_size):
+    model = randomize(DiT(4, 16, patch_size=patch_size, hidden_size=16, depth=1, num_heads=2, frequency_dim=16))
+    assert model.pos_embed.shape == (1, (16 // patch_size) ** 2, 16)
+    z = make_unified_flow_matching_input(torch.randn(2, 4, 16, 16), torch.rand(2), torch.rand(2))
+    assert model(z).shape == (2, 4, 16, 16)
+    # each output patch depends on its own input patch through the token it came from
+    tokens = model.x_embedder(torch.randn(1, 4, 16, 16)).flatten(2).transpose(1, 2)
+    flat = torch.arange(tokens.shape[1] * patch_size * patch_size * 4, dtype=torch.float32)
+    image = model.unpatchify(flat.reshape(1, tokens.shape[1], -1))
+    first_patch = image[0, :, :patch_size, :patch_size]
+    assert first_patch.max() < patch_size * patch_size * 4  # token 0 fills the top-left patch

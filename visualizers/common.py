@@ -1,0 +1,286 @@
+"""What every visualizer shares: finding a run's checkpoints, checking the run suits
+the picture, drawing frames with matplotlib and writing them as GIF (and MP4).
+
+Run the visualizers as modules from the repository root (they import the project
+absolutely): ``python -m visualizers.flow_trajectories --run-name NAME``, or all of
+them with ``visualizers/vis_all.sh``. This module also answers ``vis_all.sh``'s
+question about a run: ``python -m visualizers.common describe [RUN_NAME]`` prints
+``run_name kind loss archived_count`` (kind: 2d, image, latent or dense).
+
+Output: ``<out>/<visualizer>.gif`` always (Pillow, through imageio), and
+``<out>/<visualizer>.mp4`` (H.264) with the ffmpeg binary that the imageio-ffmpeg
+package ships, so no system ffmpeg is needed; where that package has no binary
+for the platform, or with ``--no-mp4``, only the GIF is written. Files are written
+to a temporary name and moved into place, after all input has been checked, so a
+bad call never overwrites an earlier picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v2 as imageio
+import imageio_ffmpeg
+import matplotlib
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+matplotlib.use("Agg")  # files only: no display needed, and no GUI backend on a server
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dataloaders.base_dataloaders import stack_targets  # noqa: E402
+from models.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
+
+DEFAULT_CKPT_ROOT = "outputs/ckpts"
+DEFAULT_VIS_ROOT = Path("outputs/vis")
+DPI = 96  # with the figure sizes below, frame sides are multiples of 16 (what H.264 wants)
+
+
+class VisError(ValueError):
+    """Bad input to a visualizer; the message is one line for the user."""
+
+
+@dataclass
+class RunInfo:
+    """A trained run on disk: its live checkpoint, archive and resolved config."""
+
+    name: str
+    last: Path  # <ckpt_root>/<arch>/<run_name>/last.pt
+    archive_dir: Path  # <ckpt_root>/<arch>/archive
+    cfg: DictConfig
+
+    @property
+    def kind(self) -> str:
+        """2d (dense, D = 2), dense (D != 2), image (1 or 3 channels) or latent."""
+        shape = list(self.cfg.dataloaders.data_shape)
+        if len(shape) == 1:
+            return "2d" if shape[0] == 2 else "dense"
+        return "image" if shape[0] in (1, 3) else "latent"
+
+    @property
+    def is_meanflow(self) -> bool:
+        return self.cfg.loss.name == "meanflow"
+
+    def archived(self) -> list[tuple[int, Path]]:
+        """``(epoch, path)`` of ``<run_name>_epoch_XXXX.pt`` in the archive, by epoch."""
+        pattern = re.compile(rf"{re.escape(self.name)}_epoch_(\d{{4,}})\.pt")
+        found = []
+        if self.archive_dir.is_dir():
+            for path in self.archive_dir.iterdir():
+                match = pattern.fullmatch(path.name)
+                if match:
+                    found.append((int(match.group(1)), path))
+        return sorted(found)
+
+
+def list_runs(ckpt_root: Path) -> list[Path]:
+    """Every ``<arch>/<run>/last.pt`` under the root, newest first."""
+    return sorted(ckpt_root.glob("*/*/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def find_run(ckpt_root: str | Path, run_name: str | None) -> RunInfo:
+    """The named run, or the most recently written one when ``run_name`` is None."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        raise VisError(f"checkpoint root {str(root)!r} is not a folder: expected outputs/ckpts (see --ckpt-root)")
+    runs = list_runs(root)
+    if run_name is None:
+        if not runs:
+            raise VisError(f"no run under {str(root)!r}: expected <arch>/<run_name>/last.pt files")
+        last = runs[0]
+    else:
+        matches = [p for p in runs if p.parent.name == run_name]
+        if not matches:
+            names = ", ".join(sorted({p.parent.name for p in runs})) or "none"
+            raise VisError(f"no run {run_name!r} under {str(root)!r} (runs there: {names})")
+        last = matches[0]
+    cfg = OmegaConf.create(read_checkpoint(last)["config"])
+    return RunInfo(name=last.parent.name, last=last, archive_dir=last.parent.parent / "archive", cfg=cfg)
+
+
+def require_kind(run: RunInfo, kinds: tuple[str, ...], visualizer: str) -> None:
+    if run.kind not in kinds:
+        shape = list(run.cfg.dataloaders.data_shape)
+        raise VisError(
+            f"{visualizer} draws {' or '.join(kinds)} runs; run {run.name!r} has {run.kind} data of shape {shape}"
+        )
+
+
+def reference_data(cfg: DictConfig, n: int) -> np.ndarray | None:
+    """Up to ``n`` held-out data points to draw behind the samples (None if the
+    data file of a points run is gone: the picture is still worth drawing)."""
+    from hydra.utils import instantiate
+
+    try:
+        dataset = instantiate(cfg.dataloaders.dataset, split="test")
+    except FileNotFoundError as err:
+        print(f"note: data set not found ({err}); drawing samples without the data behind them", file=sys.stderr)
+        return None
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[: min(n, len(dataset))]
+    return stack_targets(dataset, pick.tolist())[0].float().numpy()
+
+
+def noise_and_labels(cfg: DictConfig, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fixed noise (and random class labels for a conditional model) from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, *cfg.dataloaders.data_shape, generator=gen)
+    labels = torch.randint(cfg.model.num_classes, (n,), generator=gen) if cfg.model.num_classes > 0 else None
+    return x0, labels
+
+
+def plot_limits(*clouds: np.ndarray | None) -> float:
+    """A square half-width holding 99.5% of every point cloud, plus a margin."""
+    values = np.concatenate([np.abs(c[:, :2]).ravel() for c in clouds if c is not None])
+    return float(np.quantile(values, 0.995)) * 1.15
+
+
+class ScatterPanel:
+    """One square 2-D panel: data in light grey, particles on top, faint trails behind.
+
+    The artists are made once and updated per frame, which keeps a few hundred frames
+    of a few thousand particles fast enough for a laptop.
+    """
+
+    def __init__(self, ax: plt.Axes, data: np.ndarray | None, limit: float, trails: bool) -> None:
+        from matplotlib.collections import LineCollection
+
+        self.ax = ax
+        if data is not None:
+            ax.scatter(data[:, 0], data[:, 1], s=2, c="#c8c8c8", linewidths=0, label="data")
+        self.trails = LineCollection([], colors="tab:blue", linewidths=0.6, alpha=0.25) if trails else None
+        if self.trails is not None:
+            ax.add_collection(self.trails)
+        self.points = ax.scatter([], [], s=5, c="tab:blue", linewidths=0, label="samples")
+        ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal", xticks=[], yticks=[])
+
+    def update(self, points: np.ndarray, paths: np.ndarray | None = None, title: str = "") -> None:
+        """points (N, 2); paths (N, T, 2): each particle's track so far."""
+        self.points.set_offsets(points[:, :2])
+        if self.trails is not None and paths is not None:
+            self.trails.set_segments(list(paths[:, :, :2]))
+        self.ax.set_title(title, fontsize=10)
+
+
+def figure_frame(fig: plt.Figure) -> np.ndarray:
+    """The figure as an (H, W, 3) uint8 image."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (the data sets' range) -> uint8 in [0, 255]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser,
+    steps_help: str,
+    steps_default: str | int | None,
+    num_samples_default: int | None = 500,
+    fps_default: int = 12,
+) -> None:
+    parser.add_argument("--run-name", default=None, help="run to draw (default: the newest last.pt under --ckpt-root)")
+    parser.add_argument("--ckpt-root", default=DEFAULT_CKPT_ROOT, help="root of <arch>/<run>/last.pt and <arch>/archive/")
+    parser.add_argument("--out", default=None, help="output folder (default outputs/vis/<run_name>)")
+    parser.add_argument("--num-samples", type=int, default=num_samples_default, help="particles / samples drawn")
+    parser.add_argument("--steps", type=str, default=steps_default, help=steps_help)
+    parser.add_argument("--fps", type=int, default=fps_default, help=f"frames per second (default {fps_default})")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the noise, so reruns draw the same particles")
+    parser.add_argument("--no-mp4", action="store_true", help="write the GIF only")
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    if args.num_samples is not None and args.num_samples < 1:
+        raise VisError(f"--num-samples {args.num_samples}: expected >= 1")
+    if args.fps < 1:
+        raise VisError(f"--fps {args.fps}: expected >= 1")
+
+
+def parse_steps(text: str | int) -> list[int]:
+    """``--steps``: one count or a comma list, each >= 1."""
+    counts = []
+    for part in str(text).split(","):
+        if not part.strip().isdigit() or int(part) < 1:
+            raise VisError(f"--steps {text!r}: expected a positive integer or a comma list such as 1,2,4")
+        counts.append(int(part))
+    return counts
+
+
+def output_dir(args: argparse.Namespace, run: RunInfo) -> Path:
+    return Path(args.out) if args.out is not None else DEFAULT_VIS_ROOT / run.name
+
+
+def ffmpeg_available() -> bool:
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:  # imageio-ffmpeg ships no binary for this platform
+        return False
+    return True
+
+
+def write_animation(
+    frames: list[np.ndarray], out_dir: Path, stem: str, fps: int, mp4: bool, hold_s: float = 1.5
+) -> list[Path]:
+    """``<out_dir>/<stem>.gif`` (looping) and, if asked and possible, ``<stem>.mp4``.
+
+    The last frame stays ``hold_s`` seconds longer, so a loop does not jump straight
+    from the result back to the noise: in the GIF as a longer frame duration (the
+    frame count stays one per state), in the MP4 as repeated frames.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    gif = out_dir / f"{stem}.gif"
+    tmp = out_dir / f".{stem}.tmp.gif"
+    durations = [1000.0 / fps] * len(frames)  # ms per frame
+    durations[-1] += 1000.0 * hold_s
+    imageio.mimsave(tmp, frames, format="GIF", duration=durations, loop=0)
+    tmp.replace(gif)
+    written.append(gif)
+    if mp4 and ffmpeg_available():
+        mp4_path = out_dir / f"{stem}.mp4"
+        tmp = out_dir / f".{stem}.tmp.mp4"
+        # yuv420p: the pixel format every player decodes; frame sides are multiples of 16
+        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
+                                macro_block_size=16, ffmpeg_log_level="error") as writer:
+            for frame in frames + [frames[-1]] * round(hold_s * fps):
+                writer.append_data(frame)
+        tmp.replace(mp4_path)
+        written.append(mp4_path)
+    elif mp4:
+        print("note: imageio-ffmpeg has no ffmpeg binary here; wrote the GIF only", file=sys.stderr)
+    return written
+
+
+def run_cli(main) -> None:
+    """Run a visualizer's ``main``; bad input is one line on stderr and exit 2."""
+    try:
+        written = main()
+    except (VisError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for path in written:
+        print(path)
+
+
+def describe(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="print: run_name kind loss archived_count")
+    parser.add_argument("command", choices=["describe"])
+    parser.add_argument("run_name", nargs="?", default=None, help="default: the newest last.pt")
+    parser.add_argument("--ckpt-root", default=DEFAULT_CKPT_ROOT)
+    args = parser.parse_args(argv)
+
+    def main() -> list[Path]:
+        run = find_run(args.ckpt_root, args.run_name or None)
+        print(run.name, run.kind, run.cfg.loss.name, len(run.archived()))
+        return []
+
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    describe()

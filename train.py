@@ -14,22 +14,28 @@ produce bit-identical weights on the CPU.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from dataloaders.base_dataloaders import DictDatasetAdapter, collate_base_items, make_time_sampler, stack_targets
 from evaluation.energy_distance import energy_distance
 from evaluation.sample import sample_flow, sample_meanflow
+from losses.base_loss import rewound_rng
 from models.checkpoint import build_model, load_model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap
 from models.ema import EMA
 
@@ -280,12 +286,14 @@ def warmup_lambda(warmup_steps: int):
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, cfg: DictConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
         self.cfg = cfg
         self.rank = rank
         self.world = world
         self.is_main = rank == 0
         self.device = resolve_device(cfg.device)
+        if world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)  # one GPU per process, picked by torchrun
         self.paths = run_paths(cfg)
         self.resume_state = self._check_run_folder()
 
@@ -306,12 +314,26 @@ class Trainer:
         self.autocast_dtype = PRECISIONS[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.loss_module = LossModule(self.model, self.loss_fn)
-        self.step_module = torch.compile(self.loss_module, mode=cfg.compile_mode) if cfg.compile else self.loss_module
+        wrapped = self.loss_module
+        if world > 1:
+            # DDP wraps the whole loss (the MeanFlow JVP included), so its hooks see every
+            # parameter use and all-reduce the gradients; it also broadcasts rank 0's weights.
+            wrapped = DistributedDataParallel(self.loss_module, device_ids=[local_rank] if self.device.type == "cuda" else None)
+            self.ema.module.load_state_dict(self.model.state_dict())  # the EMA starts from the broadcast weights
+        self.step_module = torch.compile(wrapped, mode=cfg.compile_mode) if cfg.compile else wrapped
+        self.ranks_checked = world == 1
         self.step = 0
         self.epoch = 0
         self.last_metrics: dict[str, float] = {}
         if self.resume_state is not None:
             self._restore(self.resume_state)
+            if world > 1:
+                # Every rank loaded rank 0's RNG state; re-split the streams so the ranks
+                # do not draw the same noise (DDP resume is exact in the data order only).
+                seed_everything((cfg.seed + rank) * 1_000_003 + self.step)
+        with rewound_rng(self.device):  # the probe must not shift the RNG stream (exact resume)
+            probe = next(iter(make_train_loader(cfg, self.train_set, 0))).to(self.device)
+            self.loss_fn.check_model(self.model, probe)
         self.evaluator = Evaluator(cfg, self.device) if self.is_main else None
         self.tracker = None
 
@@ -350,8 +372,10 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = self.step_module(batch)
-        if not torch.isfinite(loss):
-            raise RunError(f"loss became {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}); the last good checkpoint is kept at {self.paths.last}")
+        bad_ranks = self._count_nonfinite(loss)
+        if bad_ranks:
+            value = f"{loss.item()}" if self.world == 1 else f"non-finite on {bad_ranks} of {self.world} ranks"
+            raise RunError(f"loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); the last good checkpoint is kept at {self.paths.last}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip > 0:
@@ -362,7 +386,29 @@ class Trainer:
         self.scheduler.step()
         self.ema.update(self.model, self.cfg.batch_size * self.world)
         self.step += 1
+        if not self.ranks_checked:
+            self._check_ranks_agree()
         return loss.detach()
+
+    def _count_nonfinite(self, loss: Tensor) -> int:
+        """How many ranks hold a non-finite loss; all-reduced so that every rank stops together."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+        if self.world > 1:
+            dist.all_reduce(bad)
+        return int(bad.item())
+
+    def _check_ranks_agree(self) -> None:
+        """Once per run, after the first step: every rank must hold the same weights. If
+        they differ, the gradient all-reduce was skipped (e.g. a loss that reaches the model
+        through ``model.module`` outside the DDP forward) and each rank trains alone."""
+        sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
+        high, low = sums.clone(), sums.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        self.ranks_checked = True
+        if not torch.equal(high, low):
+            raise RunError(f"ranks disagree after step {self.step}: gradient synchronisation is broken "
+                           "(the loss must run inside the DDP-wrapped forward; calling model.module skips the all-reduce)")
 
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
@@ -380,6 +426,9 @@ class Trainer:
             if self.cfg.max_steps and self.step >= self.cfg.max_steps:
                 break
         seconds = time.perf_counter() - start
+        if self.world > 1:
+            dist.all_reduce(total)  # the logged loss is the mean over every rank's batches
+            total /= self.world
         self.epoch += 1
         return {
             "epoch": self.epoch,
@@ -447,6 +496,8 @@ class Trainer:
                 last_epoch = self.epoch >= cfg.epochs or bool(cfg.max_steps and self.step >= cfg.max_steps)
                 if self.is_main:
                     self._end_of_epoch(metrics, last_epoch)
+                if self.world > 1:
+                    dist.barrier()  # the other ranks wait while rank 0 evaluates and writes the checkpoint
         finally:
             if self.tracker is not None:
                 self.tracker.finish()
@@ -496,9 +547,62 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     return result
 
 
+# ---------------------------------------------------------------------------------
+# Several processes: torchrun + DistributedDataParallel
+# ---------------------------------------------------------------------------------
+
+# Rank 0 may evaluate (FID) for a long time while the other ranks wait at a barrier.
+DIST_TIMEOUT = timedelta(minutes=60)
+
+
+@dataclass
+class DistEnv:
+    rank: int  # global rank, 0..world-1
+    world: int  # number of processes over all nodes
+    local_rank: int  # rank on this node: the CUDA device index
+
+
+def distributed_env() -> DistEnv:
+    """The variables torchrun sets; a plain ``python`` run is rank 0 of 1."""
+    env = os.environ
+    return DistEnv(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+
+@contextmanager
+def process_group(cfg: DictConfig, env: DistEnv):
+    """NCCL with one GPU per process on CUDA, gloo on the CPU; torn down on any exit."""
+    device = resolve_device(cfg.device)
+    if device.type == "mps":
+        raise RunError("device=mps cannot run under torchrun (no collective backend for MPS): run one process, or use device=cpu")
+    if device.type == "cuda":
+        if env.local_rank >= torch.cuda.device_count():
+            raise RunError(f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} CUDA device(s): "
+                           "set --nproc_per_node to at most the number of GPUs")
+        torch.cuda.set_device(env.local_rank)
+        dist.init_process_group("nccl", rank=env.rank, world_size=env.world, timeout=DIST_TIMEOUT,
+                                device_id=torch.device("cuda", env.local_rank))
+    else:
+        dist.init_process_group("gloo", rank=env.rank, world_size=env.world, timeout=DIST_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Entry point used by the launcher, the Modal app and torchrun workers."""
+    """Entry point used by the launcher, the Modal app and torchrun workers.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process trains on its own shard of each
+    epoch with ``batch_size`` samples per step (global batch = batch_size x world);
+    rank 0 alone evaluates, logs and writes checkpoints.
+    """
     validate_config(cfg)
+    env = distributed_env()
     if cfg.eval_checkpoint:
+        if env.world > 1:
+            raise RunError("eval_checkpoint runs in one process: start it with python launcher.py, not torchrun")
         return evaluate_checkpoint(cfg)
-    return Trainer(cfg).fit()
+    if env.world == 1:
+        return Trainer(cfg).fit()
+    with process_group(cfg, env):
+        return Trainer(cfg, env.rank, env.world, env.local_rank).fit()

@@ -15,12 +15,20 @@ from dataloaders.base_dataloaders import split_unified_input
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Transformer-style embedding of scalar times (B,) -> (B, dim); times in [0, 1] are
-    scaled by 1000 so the lowest frequencies still vary across the unit interval."""
+def fourier_time_features(t: Tensor, dim: int, max_freq: float = 16.0) -> Tensor:
+    """Sines and cosines of times (B,) at ``dim // 2`` frequencies geometric in
+    [1, max_freq] rad per unit time -> (B, dim).
+
+    The band is kept low on purpose: the MeanFlow target contains ``(t - s) du/ds``,
+    and the 1000x-scaled DDPM embedding (frequencies up to 1000) makes ``du/ds`` so
+    large at initialisation that the target feeds back and training diverges on 2-D
+    data (measured: the loss grows 1000x within 300 steps; with max_freq <= 16 it
+    trains). Computed in float32 at least (float64 when the times are).
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), half, dtype=dtype, device=t.device))
+    args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1).to(t.dtype)
 
 
@@ -32,7 +40,8 @@ class MLP(nn.Module):
         hidden: width of the hidden layers.
         depth: number of hidden layers (>= 1).
         activation: one of ``silu``, ``gelu``, ``relu``, ``tanh``.
-        time_embed_dim: size of each sinusoidal time embedding (0 feeds raw times only).
+        time_embed_dim: size of each Fourier time embedding (0 feeds raw times only).
+        max_freq: highest time frequency of the embedding (rad per unit time).
         num_classes: 0 for an unconditional model; otherwise a learned class
             embedding with a null class at index ``num_classes`` (for guidance).
         dropout: dropout after each hidden activation.
@@ -45,6 +54,7 @@ class MLP(nn.Module):
         depth: int = 4,
         activation: str = "silu",
         time_embed_dim: int = 32,
+        max_freq: float = 16.0,
         num_classes: int = 0,
         dropout: float = 0.0,
     ) -> None:
@@ -55,6 +65,7 @@ class MLP(nn.Module):
             raise ValueError(f"MLP needs data_dim, hidden, depth >= 1, got {data_dim}, {hidden}, {depth}")
         self.data_dim = data_dim
         self.time_embed_dim = time_embed_dim
+        self.max_freq = max_freq
         self.num_classes = num_classes
         in_dim = data_dim + 2 + 2 * time_embed_dim
         self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
@@ -71,7 +82,7 @@ class MLP(nn.Module):
         x, s, t = split_unified_input(z)  # (B, D), (B,), (B,)
         feats = [z]
         if self.time_embed_dim > 0:
-            feats += [sinusoidal_embedding(s, self.time_embed_dim), sinusoidal_embedding(t - s, self.time_embed_dim)]
+            feats += [fourier_time_features(s, self.time_embed_dim, self.max_freq), fourier_time_features(t - s, self.time_embed_dim, self.max_freq)]
         h = self.body(torch.cat(feats, dim=1))  # (B, hidden)
         if self.class_embed is not None:
             if y is None:

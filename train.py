@@ -32,7 +32,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from dataloaders.base_dataloaders import DictDatasetAdapter, collate_base_items, make_time_sampler, stack_targets
+from dataloaders.base_dataloaders import (
+    DictDatasetAdapter,
+    EncodedTargetDataset,
+    collate_base_items,
+    make_time_sampler,
+    stack_targets,
+)
 from evaluation.energy_distance import energy_distance
 from evaluation.sample import sample_flow, sample_meanflow
 from losses.base_loss import rewound_rng
@@ -71,6 +77,14 @@ def validate_config(cfg: DictConfig) -> None:
          f"compile_mode={cfg.compile_mode}: expected default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs"),
         (len(cfg.dataloaders.data_shape) in (1, 3), f"dataloaders.data_shape={list(cfg.dataloaders.data_shape)}: expected [D] or [C, H, W]"),
     ]
+    fid = cfg.eval.fid
+    if fid.enabled:
+        checks += [
+            (len(cfg.dataloaders.data_shape) == 3, f"eval.fid.enabled=true but {cfg.dataloaders.name} is not image data: FID needs images"),
+            (fid.reference is not None, "FID needs a reference: set eval.fid.reference=/path/to/real/images, heldout, or a clean-fid dataset name such as cifar10"),
+            (fid.feature_extractor in ("inception", "pooled"), f"eval.fid.feature_extractor={fid.feature_extractor}: expected inception or pooled"),
+            (fid.num_samples >= 2, f"eval.fid.num_samples={fid.num_samples}: expected >= 2"),
+        ]
     for ok, message in checks:
         if not ok:
             raise RunError(message)
@@ -147,7 +161,16 @@ def run_paths(cfg: DictConfig) -> RunPaths:
 
 
 def make_dataset(cfg: DictConfig, split: str) -> Dataset:
-    return instantiate(cfg.dataloaders.dataset, split=split)
+    """The target dataset of ``split``. Image data with ``dataloaders.encode_with_vae``
+    is encoded batch by batch with the VAE, so the model trains on latents."""
+    dataset = instantiate(cfg.dataloaders.dataset, split=split)
+    if cfg.dataloaders.get("encode_with_vae", False):
+        from models.vae.vae import SDVAE
+
+        device = resolve_device(cfg.device)
+        vae = SDVAE(**OmegaConf.to_container(cfg.dataloaders.vae, resolve=True)).to(device)
+        dataset = EncodedTargetDataset(dataset, vae.encode, device, cfg.dataloaders.num_classes)
+    return dataset
 
 
 def make_train_loader(cfg: DictConfig, dataset: Dataset, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
@@ -192,46 +215,115 @@ def eval_reference_sets(cfg: DictConfig, n: int) -> tuple[Tensor, Tensor]:
 
 
 class Evaluator:
-    """Samples with a fixed noise generator, so the numbers at an epoch are a function
-    of the weights alone and ``eval_checkpoint`` reproduces them."""
+    """Samples with fixed noise generators, so the numbers at an epoch are a function of
+    the weights alone and ``eval_checkpoint`` reproduces them.
+
+    Every run reports the energy distance of its multi-step solver samples to held-out
+    data beside the floor (two independent data draws of the same size); MeanFlow runs
+    add their k-step samples. Image runs (latent runs through the VAE decoder) add a
+    sample grid and, when enabled, FID.
+    """
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
         self.is_meanflow = cfg.loss.name == "meanflow"
+        self.is_image = len(cfg.dataloaders.data_shape) == 3
         self.held_out, reference = eval_reference_sets(cfg, cfg.eval.num_samples)
         self.floor = energy_distance(self.held_out, reference)
+        vae_cfg = cfg.dataloaders.get("vae")
+        self.vae = None
+        if vae_cfg is not None:
+            from models.vae.vae import SDVAE
 
-    def noise(self) -> tuple[Tensor, Tensor | None]:
-        n = self.held_out.shape[0]
-        gen = torch.Generator().manual_seed(self.cfg.seed + 777)
+            self.vae = SDVAE(**OmegaConf.to_container(vae_cfg, resolve=True)).to(device)
+        self.fid_extractor = None
+        if cfg.eval.fid.enabled:
+            from evaluation.fid import make_feature_extractor
+
+            self.fid_extractor = make_feature_extractor(cfg.eval.fid.feature_extractor)
+
+    def noise(self, n: int, seed_offset: int) -> tuple[Tensor, Tensor | None]:
+        gen = torch.Generator().manual_seed(self.cfg.seed + seed_offset)
         x0 = torch.randn(n, *self.cfg.dataloaders.data_shape, generator=gen)
         labels = None
         if self.cfg.model.num_classes > 0:
             labels = torch.randint(self.cfg.model.num_classes, (n,), generator=gen)
-        return x0.to(self.device), None if labels is None else labels.to(self.device)
+        return x0, labels
+
+    def variants(self) -> dict[str, int | None]:
+        """Sampler name -> MeanFlow step count (None: the multi-step solver)."""
+        names: dict[str, int | None] = {f"{self.cfg.solver.name}{self.cfg.eval.steps}": None}
+        if self.is_meanflow:
+            names |= {f"meanflow{k}": int(k) for k in self.cfg.eval.meanflow_steps}
+        return names
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, steps: int | None, x0: Tensor, labels: Tensor | None) -> Tensor:
+        """Samples from noise ``x0`` (CPU), in chunks of ``eval.batch_size``; returned on the CPU."""
+        ecfg, out = self.cfg.eval, []
+        for i in range(0, x0.shape[0], ecfg.batch_size):
+            z = x0[i : i + ecfg.batch_size].to(self.device)
+            y = None if labels is None else labels[i : i + ecfg.batch_size].to(self.device)
+            if steps is None:
+                x = sample_flow(model, z, solver=self.cfg.solver.name, num_steps=ecfg.steps, label=y,
+                                guidance_scale=ecfg.guidance_scale, num_classes=self.cfg.model.num_classes).samples
+            else:
+                x = sample_meanflow(model, z, num_steps=steps, label=y).samples
+            out.append(x.float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def to_images(self, x: Tensor) -> Tensor:
+        """Model-space samples -> images in [-1, 1] (VAE-decoded for latent data)."""
+        if self.vae is None:
+            return x.clamp(-1, 1)
+        chunks = [self.vae.decode(x[i : i + 32].to(self.device)).float().cpu() for i in range(0, x.shape[0], 32)]
+        return torch.cat(chunks).clamp(-1, 1)
+
+    @torch.no_grad()
+    def fid(self, model: nn.Module, steps: int | None) -> float:
+        from evaluation.fid import compute_fid, fid_against_images
+
+        fcfg = self.cfg.eval.fid
+        x0, labels = self.noise(fcfg.num_samples, 999)
+        images = self.to_images(self.generate(model, steps, x0, labels))
+        if fcfg.reference == "heldout":
+            return fid_against_images(images, self.to_images(self.held_out), fcfg.mode, self.fid_extractor,
+                                      fcfg.batch_size, self.device)
+        return compute_fid(images, fcfg.reference, mode=fcfg.mode, feature_extractor=self.fid_extractor,
+                           batch_size=fcfg.batch_size, device=self.device, dataset_split=fcfg.dataset_split)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> tuple[dict[str, float], dict[str, Tensor]]:
-        """Returns (metrics, samples by name) for the EMA model."""
-        x0, labels = self.noise()
-        ecfg = self.cfg.eval
+        """Returns (metrics, samples by sampler name) for the (EMA) model."""
+        x0, labels = self.noise(self.held_out.shape[0], 777)
+        metrics: dict[str, float] = {"eval/energy_distance_floor": self.floor}
         samples = {}
-        result = sample_flow(
-            model, x0, solver=self.cfg.solver.name, num_steps=ecfg.steps, label=labels,
-            guidance_scale=ecfg.guidance_scale, num_classes=self.cfg.model.num_classes,
-        )
-        samples[f"{self.cfg.solver.name}{ecfg.steps}"] = result.samples
-        metrics = {
-            "eval/energy_distance": energy_distance(result.samples.cpu(), self.held_out),
-            "eval/energy_distance_floor": self.floor,
-        }
-        if self.is_meanflow:
-            for k in ecfg.meanflow_steps:
-                mf = sample_meanflow(model, x0, num_steps=k, label=labels).samples
-                samples[f"meanflow{k}"] = mf
-                metrics[f"eval/energy_distance_{k}step"] = energy_distance(mf.cpu(), self.held_out)
+        for name, steps in self.variants().items():
+            samples[name] = self.generate(model, steps, x0, labels)
+            key = "eval/energy_distance" if steps is None else f"eval/energy_distance_{steps}step"
+            metrics[key] = energy_distance(samples[name], self.held_out)
+            if self.cfg.eval.fid.enabled:
+                # FID of the sampler a researcher would ship: the solver for flow matching,
+                # the k-step samplers for MeanFlow.
+                if steps is not None or not self.is_meanflow:
+                    metrics["eval/fid" if steps is None else f"eval/fid_{steps}step"] = self.fid(model, steps)
         return metrics, samples
+
+
+def save_grid(samples: dict[str, Tensor], path: Path, per_variant: int = 64) -> Path:
+    """One PNG: an 8-column grid of the first ``per_variant`` images of each sampler, side by side."""
+    from torchvision.utils import make_grid, save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grids = [make_grid((x[:per_variant] + 1) / 2, nrow=8, padding=1, pad_value=1.0) for x in samples.values()]
+    height = max(g.shape[1] for g in grids)
+    grids = [torch.nn.functional.pad(g, (0, 4, 0, height - g.shape[1]), value=1.0) for g in grids]
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    save_image(torch.cat(grids, dim=2), tmp)
+    tmp.replace(path)
+    return path
 
 
 def save_plot(cfg: DictConfig, samples: dict[str, Tensor], data: Tensor, path: Path, title: str) -> Path:
@@ -443,9 +535,11 @@ class Trainer:
     def evaluate(self) -> tuple[dict[str, float], Path | None]:
         metrics, samples = self.evaluator(self.ema.module)
         plot = None
-        if self.cfg.eval.plot and len(self.cfg.dataloaders.data_shape) == 1:
-            plot = save_plot(self.cfg, samples, self.evaluator.held_out, self.paths.plots / f"epoch_{self.epoch:04d}.png",
-                             f"{self.cfg.run_name} epoch {self.epoch}")
+        path = self.paths.plots / f"epoch_{self.epoch:04d}.png"
+        if self.cfg.eval.plot and self.evaluator.is_image:
+            plot = save_grid({k: self.evaluator.to_images(v[:64]) for k, v in samples.items()}, path)
+        elif self.cfg.eval.plot:
+            plot = save_plot(self.cfg, samples, self.evaluator.held_out, path, f"{self.cfg.run_name} epoch {self.epoch}")
         return metrics, plot
 
     def snapshot(self, archive: bool) -> None:

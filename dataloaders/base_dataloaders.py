@@ -152,10 +152,19 @@ def make_time_sampler(name: str, mean: float = 0.0, std: float = 1.0) -> TimeSam
 # ---------------------------------------------------------------------------------
 
 
-class TensorTargetDataset(Dataset):
+class BatchedTargetDataset(Dataset, ABC):
+    """A target dataset that can fetch a whole batch at once (vectorised indexing,
+    batched encoding); ``stack_targets`` uses ``get_batch`` instead of a Python loop."""
+
+    @abstractmethod
+    def get_batch(self, indices: list[int]) -> tuple[Tensor, Tensor | None]:
+        """``(x_1 (B, ...), labels (B,) or None)`` for ``indices``."""
+
+
+class TensorTargetDataset(BatchedTargetDataset):
     """In-memory data samples ``(N, ...)`` with optional labels ``(N,)``; returns ``(x_1, label)``.
 
-    ``__getitems__`` gathers a whole batch with one index operation, so small dense
+    ``get_batch`` gathers a whole batch with one index operation, so small dense
     data sets load at memory speed.
     """
 
@@ -173,15 +182,38 @@ class TensorTargetDataset(Dataset):
         label = -1 if self.labels is None else int(self.labels[index])
         return self.data[index], label
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor | None]:
+    def get_batch(self, indices: list[int]) -> tuple[Tensor, Tensor | None]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.data[idx], None if self.labels is None else self.labels[idx]
 
 
+class EncodedTargetDataset(BatchedTargetDataset):
+    """Wraps an image dataset and encodes each fetched batch with ``encoder`` (e.g. the
+    SD-VAE's ``encode``), so a latent model trains on images encoded on the fly.
+    Use it with ``num_workers=0`` when the encoder lives on a GPU."""
+
+    def __init__(self, dataset: Dataset, encoder, device: torch.device | str = "cpu", num_classes: int = 0) -> None:
+        self.dataset = dataset
+        self.encoder = encoder
+        self.device = torch.device(device)
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        x, label = self.dataset[index]
+        return self.encoder(torch.as_tensor(x)[None].to(self.device))[0].cpu(), label
+
+    def get_batch(self, indices: list[int]) -> tuple[Tensor, Tensor | None]:
+        images, labels = stack_targets(self.dataset, indices)
+        return self.encoder(images.to(self.device)).float().cpu(), labels
+
+
 def stack_targets(dataset: Dataset, indices: list[int]) -> tuple[Tensor, Tensor | None]:
     """Fetch ``(x_1, label)`` for ``indices`` as batched tensors; labels None if unlabelled (-1)."""
-    if isinstance(dataset, TensorTargetDataset):
-        return dataset.__getitems__(indices)
+    if isinstance(dataset, BatchedTargetDataset):
+        return dataset.get_batch(indices)
     pairs = [dataset[i] for i in indices]
     x1 = torch.stack([torch.as_tensor(p[0]) for p in pairs])
     labels = torch.as_tensor([int(p[1]) for p in pairs], dtype=torch.long)

@@ -71,7 +71,7 @@ def batch_files(root: Path, split: str) -> list[Path]:
 class CIFAR10Dataset(TensorTargetDataset):
     """CIFAR-10 held as uint8 in memory; yields float32 (3, 32, 32) in [-1, 1] and a label 0..9.
 
-    ``__getitems__`` converts and flips a whole batch at once (the adapter uses it).
+    ``get_batch`` converts and flips a whole batch at once (the adapter uses it).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, flip: bool) -> None:
@@ -85,7 +85,7 @@ class CIFAR10Dataset(TensorTargetDataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self._prepare(self.data[index : index + 1])[0], int(self.labels[index])
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def get_batch(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self._prepare(self.data[idx]), self.labels[idx]
 

@@ -234,3 +234,47 @@ def compute_fid(
     # clean-fid's own Frechet distance (scipy sqrtm), so scores match its published numbers.
     return float(cleanfid_fid.frechet_distance(mu, sigma, mu_ref, sigma_ref))
 
+
+
+class PooledPixelFeatures(nn.Module):
+    """A fixed, seeded stand-in for Inception that needs no download: 4x4 average-pooled
+    RGB (48 values) of clean-fid's (B, 3, 299, 299) input in [0, 255], mixed by a fixed
+    random matrix and a tanh (32 features). Scores from it are only comparable with
+    each other: use it for CPU demos and tests, never to compare with published FID."""
+
+    def __init__(self, seed: int = 0, dim: int = 32) -> None:
+        super().__init__()
+        self.register_buffer("mix", torch.randn(48, dim, generator=torch.Generator().manual_seed(seed)) / 48**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x / 127.5 - 1.0, 4).flatten(1)  # (B, 48)
+        return torch.tanh(2.0 * pooled @ self.mix)  # (B, dim)
+
+
+FEATURE_EXTRACTORS = ("inception", "pooled")
+
+
+def make_feature_extractor(name: str) -> nn.Module | None:
+    """``inception`` (None: clean-fid's own network) or ``pooled`` (``PooledPixelFeatures``)."""
+    if name == "inception":
+        return None
+    if name == "pooled":
+        return PooledPixelFeatures()
+    raise ValueError(f"eval.fid.feature_extractor={name!r}: expected one of {list(FEATURE_EXTRACTORS)}")
+
+
+def fid_against_images(
+    samples: Tensor,
+    real: Tensor,
+    mode: str = "clean",
+    feature_extractor: Callable[[Tensor], Tensor] | nn.Module | None = None,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> float:
+    """FID between two image tensors in [-1, 1], both through clean-fid's sample pipeline
+    (the reference ``heldout``: the data set's held-out images, no folder needed)."""
+    check_images(samples)
+    check_images(real)
+    mu, sigma = feature_statistics(sample_features(samples, mode, feature_extractor, batch_size, device))
+    mu_ref, sigma_ref = feature_statistics(sample_features(real, mode, feature_extractor, batch_size, device))
+    return float(cleanfid_fid.frechet_distance(mu, sigma, mu_ref, sigma_ref))

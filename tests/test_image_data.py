@@ -48,7 +48,7 @@ def test_cifar10_values_and_labels_exact(tmp_path):
     expected = torch.from_numpy(data[0].astype(np.float32)).reshape(3, 32, 32) / 127.5 - 1
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
     assert x[1, 2, 5].item() == pytest.approx(data[0, 1024 + 2 * 32 + 5] / 127.5 - 1)
-    xb, yb = train.__getitems__([0, 3])
+    xb, yb = train.get_batch([0, 3])
     torch.testing.assert_close(xb[1], expected, rtol=0, atol=1e-6)
     assert yb.tolist() == [written["data_batch_1"][1][0], labels[0]]
     assert test[2][1] == written["test_batch"][1][2]
@@ -60,8 +60,8 @@ def test_cifar10_flip(tmp_path):
     plain = cifar10.make_dataset(str(tmp_path), split="train", flip=False)
     flipped = cifar10.make_dataset(str(tmp_path), split="train", flip=True)
     torch.manual_seed(0)
-    xb, _ = flipped.__getitems__(list(range(15)))
-    ref, _ = plain.__getitems__(list(range(15)))
+    xb, _ = flipped.get_batch(list(range(15)))
+    ref, _ = plain.get_batch(list(range(15)))
     is_flip = [bool(torch.equal(a, r.flip(-1))) for a, r in zip(xb, ref)]
     is_same = [bool(torch.equal(a, r)) for a, r in zip(xb, ref)]
     assert all(f or s for f, s in zip(is_flip, is_same))

@@ -123,7 +123,7 @@ class TrainedRun:
     output_dir: Path
     trackio_dir: Path
     run_name: str
-    overrides: list[str]  # what was passed besides run_name and epochs
+    overrides: list[str]  # what was passed besides run_name, epochs and output_dir
     stdout: str
 
     @property
@@ -143,12 +143,11 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     store.mkdir()
     overrides = [
         *TINY_OVERRIDES,
-        f"output_dir={output_dir}",
         "trackio.enabled=true",
         "eval.every_epochs=1",
         "checkpoint.every_epochs=1",
         "checkpoint.archive_every_epochs=2",
     ]
-    result = launch(["run_name=straight", *overrides, "epochs=4"], cwd=root, trackio_dir=store)
+    result = launch(["run_name=straight", *overrides, "epochs=4", f"output_dir={output_dir}"], cwd=root, trackio_dir=store)
     assert result.returncode == 0, result.stderr[-3000:]
     return TrainedRun(output_dir, store, "straight", overrides, result.stdout)

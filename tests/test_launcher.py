@@ -1,0 +1,245 @@
+"""End to end through ``launcher.py``: a short real run and what it leaves behind
+(checkpoints, plots, the trackio record read back through trackio's own storage API),
+exact resume, ``eval_checkpoint``, and checkpoints that survive an interrupted write.
+"""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+from PIL import Image
+
+import train
+from models.checkpoint import CheckpointError, load_model_from_checkpoint, read_checkpoint, save_checkpoint
+from tests.conftest import REPO, TrainedRun, launch, launcher_env, tree_hashes
+
+pytestmark = pytest.mark.slow
+
+READ_TRACKIO = """
+import json, sys
+from trackio.sqlite_storage import SQLiteStorage
+project, run = sys.argv[1], sys.argv[2]
+logs = SQLiteStorage.get_logs(project, run, scalar_only=True)
+print(json.dumps({"runs": SQLiteStorage.get_runs(project), "logs": logs,
+                  "config": SQLiteStorage.get_run_config(project, run)}, default=str))
+"""
+
+
+def read_trackio(store: Path, run: str, project: str = "denoising-zoo") -> dict:
+    """The run's logged rows, through trackio's storage API in a process whose
+    TRACKIO_DIR is ``store`` (trackio reads the variable at import time)."""
+    out = subprocess.run(
+        [sys.executable, "-c", READ_TRACKIO, project, run],
+        env=launcher_env(store), capture_output=True, text=True, check=True, cwd=store,
+    )
+    return json.loads(out.stdout)
+
+
+def by_epoch(logs: list[dict]) -> dict[int, dict]:
+    return {int(row["epoch"]): row for row in logs if "epoch" in row}
+
+
+# ---------------------------------------------------------------------------------
+# A short real run
+# ---------------------------------------------------------------------------------
+
+
+def test_run_writes_checkpoints_and_plots(trained_run: TrainedRun):
+    state = torch.load(trained_run.last, map_location="cpu", weights_only=True)
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "step", "epoch", "rng", "config", "metrics"):
+        assert key in state, key
+    assert state["epoch"] == 4 and state["step"] == 4 * 8  # 512 samples / batch 64 = 8 steps an epoch
+    assert state["config"]["run_name"] == "straight" and isinstance(state["config"], dict)
+
+    archives = sorted(p.name for p in trained_run.archive(2).parent.iterdir())
+    assert archives == ["straight_epoch_0002.pt", "straight_epoch_0004.pt"]  # archive_every_epochs=2
+    assert read_checkpoint(trained_run.archive(2))["epoch"] == 2
+    assert not list(trained_run.output_dir.rglob("*.tmp*")), "a temporary file was left behind"
+
+    plots = sorted((trained_run.output_dir / "runs" / "straight" / "plots").iterdir())
+    assert [p.name for p in plots] == [f"epoch_{e:04d}.png" for e in (1, 2, 3, 4)]
+    with Image.open(plots[-1]) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+
+    model, cfg, _ = load_model_from_checkpoint(trained_run.last)  # rebuilt from the embedded config alone
+    assert cfg.model.hidden == 32 and not model.training
+    assert "epoch 4/4" in trained_run.stdout
+
+
+def test_trackio_holds_the_run(trained_run: TrainedRun):
+    record = read_trackio(trained_run.trackio_dir, "straight")
+    assert record["runs"] == ["straight"]
+    rows = by_epoch(record["logs"])
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert [rows[e]["step"] for e in (1, 2, 3, 4)] == [8, 16, 24, 32]
+    for row in rows.values():
+        assert math.isfinite(row["train/loss"]) and row["train/loss"] > 0
+        assert row["eval/energy_distance"] >= 0 and row["eval/energy_distance_floor"] >= 0
+    assert record["config"]["run_name"] == "straight" and record["config"]["model"]["hidden"] == 32
+    # the checkpoint's metrics are the ones logged at its epoch
+    assert read_checkpoint(trained_run.last)["metrics"]["eval/energy_distance"] == rows[4]["eval/energy_distance"]
+
+
+# ---------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------
+
+
+def test_resume_is_bit_exact(trained_run: TrainedRun, tmp_path):
+    """4 epochs straight == 2 epochs, then resume=true to 4: identical weights on the CPU."""
+    out, store = tmp_path / "outputs", tmp_path / "trackio"
+    store.mkdir()
+    common = ["run_name=split", *trained_run.overrides, f"output_dir={out}"]
+    first = launch([*common, "epochs=2"], cwd=tmp_path, trackio_dir=store)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = launch([*common, "epochs=4", "resume=true"], cwd=tmp_path, trackio_dir=store)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "epochs 3..4" in second.stdout
+
+    straight = torch.load(trained_run.last, map_location="cpu", weights_only=True)
+    resumed = torch.load(out / "ckpts" / "mlp" / "split" / "last.pt", map_location="cpu", weights_only=True)
+    assert (resumed["epoch"], resumed["step"]) == (straight["epoch"], straight["step"])
+    for part in ("model", "ema"):
+        assert straight[part].keys() == resumed[part].keys()
+        for name, tensor in straight[part].items():
+            assert torch.equal(tensor, resumed[part][name]), f"{part}.{name} differs after resume"
+    for pid, moments in straight["optimizer"]["state"].items():
+        assert torch.equal(moments["exp_avg_sq"], resumed["optimizer"]["state"][pid]["exp_avg_sq"])
+    assert resumed["metrics"]["eval/energy_distance"] == straight["metrics"]["eval/energy_distance"]
+
+    # the resumed run continues the same trackio run rather than starting a new one
+    record = read_trackio(store, "split")
+    assert record["runs"] == ["split"] and sorted(by_epoch(record["logs"])) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------
+# eval_checkpoint
+# ---------------------------------------------------------------------------------
+
+
+def test_eval_checkpoint_reproduces_the_logged_numbers(trained_run: TrainedRun, tmp_path):
+    archive = trained_run.archive(2)
+    before = tree_hashes(trained_run.output_dir)
+    result = launch([f"eval_checkpoint={archive}", f"output_dir={tmp_path / 'out'}", "device=cpu"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert tree_hashes(trained_run.output_dir) == before  # evaluation writes only under its own output_dir
+
+    written = json.loads((tmp_path / "out" / "eval" / "straight" / "epoch_0002.json").read_text())
+    assert written["epoch"] == 2 and written["step"] == 16 and written["run_name"] == "straight"
+    logged = by_epoch(read_trackio(trained_run.trackio_dir, "straight")["logs"])[2]
+    stored = read_checkpoint(archive)["metrics"]
+    for key in ("eval/energy_distance", "eval/energy_distance_floor"):
+        assert written[key] == pytest.approx(logged[key], rel=1e-9, abs=1e-12), key
+        assert written[key] == pytest.approx(stored[key], rel=1e-9, abs=1e-12), key
+    assert f"eval/energy_distance: {written['eval/energy_distance']}" in result.stdout
+
+
+# ---------------------------------------------------------------------------------
+# In-process run of the composed config (lightning-hydra-template style)
+# ---------------------------------------------------------------------------------
+
+
+def test_train_run_in_process(cfg_train):
+    metrics = train.run(cfg_train)
+    assert metrics["epoch"] == 2 and math.isfinite(metrics["eval/energy_distance"])
+    last = Path(cfg_train.output_dir) / "ckpts" / "mlp" / "test" / "last.pt"
+    assert read_checkpoint(last)["step"] == 16
+
+
+# ---------------------------------------------------------------------------------
+# Checkpoints are never half-written
+# ---------------------------------------------------------------------------------
+
+
+def small_state(step: int) -> dict:
+    return {"model": {"w": torch.full((1000,), float(step))}, "ema": {}, "step": step, "epoch": step, "config": {"run_name": "x"}}
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    last = tmp_path / "run" / "last.pt"
+    save_checkpoint(small_state(1), last)
+    good = tree_hashes(last.parent)
+    real_open = Path.open
+
+    class HalfWriter:
+        """A file that takes half of what it is given, then fails (a full disk, a kill)."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(bytes(data)[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    def open_half(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        return HalfWriter(f) if "w" in mode else f
+
+    monkeypatch.setattr(Path, "open", open_half)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(small_state(2), last)
+    monkeypatch.undo()
+
+    assert tree_hashes(last.parent)[str(last)] == good[str(last)]  # last.pt untouched
+    assert read_checkpoint(last)["step"] == 1
+    leftovers = [p for p in last.parent.iterdir() if p != last]
+    assert leftovers and all(p.name.startswith(".") and not p.name.endswith(".pt") for p in leftovers)
+    assert [p.name for p in last.parent.glob("*.pt")] == ["last.pt"]  # a temp file never looks like a checkpoint
+    for partial in leftovers:
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            read_checkpoint(partial)
+
+    save_checkpoint(small_state(3), last)  # the next save goes through and cleans up
+    assert read_checkpoint(last)["step"] == 3
+    assert [p.name for p in last.parent.iterdir()] == ["last.pt"]
+
+
+KEEP_SAVING = """
+import sys, torch
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from models.checkpoint import save_checkpoint
+path = Path(sys.argv[1])
+for step in range(10**6):
+    save_checkpoint({"model": {"w": torch.full((4_000_000,), float(step))}, "ema": {}, "step": step, "epoch": step,
+                     "config": {}}, path)
+    print(step, flush=True)
+"""
+
+
+def test_killed_writer_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL a process that rewrites a 16 MB checkpoint in a loop, mid-write."""
+    last = tmp_path / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-c", KEEP_SAVING, str(last), str(REPO)], stdout=subprocess.PIPE, text=True)
+    for _ in range(3):  # let it finish a few saves, then kill it during the next ones
+        assert proc.stdout.readline(), "the writer died"
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = read_checkpoint(last)
+    assert state["step"] >= 2 and torch.equal(state["model"]["w"], torch.full((4_000_000,), float(state["step"])))
+
+
+def test_resume_ignores_a_stray_temp_file(cfg_train):
+    """Only last.pt counts: a leftover temporary file is not resumed from."""
+    run_dir = Path(cfg_train.output_dir) / "ckpts" / "mlp" / "test"
+    run_dir.mkdir(parents=True)
+    save_checkpoint(small_state(1), run_dir / "last.pt")
+    (run_dir / "last.pt").rename(run_dir / ".last.pt.tmp")
+    with open_dict(cfg_train):
+        cfg_train.resume = True
+    with pytest.raises(train.RunError, match="has no checkpoint"):
+        train.run(cfg_train)

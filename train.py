@@ -39,6 +39,7 @@ from dataloaders.base_dataloaders import (
     make_time_sampler,
     stack_targets,
 )
+from evaluation.device_metrics import DeviceMonitor
 from evaluation.energy_distance import energy_distance
 from evaluation.sample import sample_flow, sample_meanflow
 from losses.base_loss import rewound_rng
@@ -161,14 +162,12 @@ def run_paths(cfg: DictConfig) -> RunPaths:
 
 
 def make_dataset(cfg: DictConfig, split: str) -> Dataset:
-    """The target dataset of ``split``. Image data with ``dataloaders.encode_with_vae``
-    is encoded batch by batch with the VAE, so the model trains on latents."""
+    """The target dataset of ``split``. ImageNet in ``mode=images`` is encoded batch by
+    batch with the VAE, so the model trains on latents (DiT on SD-VAE latents)."""
     dataset = instantiate(cfg.dataloaders.dataset, split=split)
-    if cfg.dataloaders.get("encode_with_vae", False):
-        from models.vae.vae import SDVAE
-
+    if cfg.dataloaders.get("mode") == "images":
         device = resolve_device(cfg.device)
-        vae = SDVAE(**OmegaConf.to_container(cfg.dataloaders.vae, resolve=True)).to(device)
+        vae = instantiate(cfg.dataloaders.vae).to(device)
         dataset = EncodedTargetDataset(dataset, vae.encode, device, cfg.dataloaders.num_classes)
     return dataset
 
@@ -234,9 +233,7 @@ class Evaluator:
         vae_cfg = cfg.dataloaders.get("vae")
         self.vae = None
         if vae_cfg is not None:
-            from models.vae.vae import SDVAE
-
-            self.vae = SDVAE(**OmegaConf.to_container(vae_cfg, resolve=True)).to(device)
+            self.vae = instantiate(vae_cfg).to(device)
         self.fid_extractor = None
         if cfg.eval.fid.enabled:
             from evaluation.fid import make_feature_extractor
@@ -584,15 +581,22 @@ class Trainer:
             n_params = sum(p.numel() for p in self.model.parameters())
             print(f"run {cfg.run_name}: {cfg.model.name} ({n_params / 1e6:.2f}M params), loss {cfg.loss.name}, "
                   f"{cfg.dataloaders.name}, device {self.device}, epochs {self.epoch + 1}..{cfg.epochs}", flush=True)
+        monitor = DeviceMonitor(self.device) if self.is_main else None
+        if monitor is not None:
+            monitor.start()
         try:
             while self.epoch < cfg.epochs and not (cfg.max_steps and self.step >= cfg.max_steps):
                 metrics = self.train_epoch()
+                if monitor is not None:
+                    metrics |= monitor.read()  # proc/*, cuda/*, mps/*, gpu/* (logged, not printed)
                 last_epoch = self.epoch >= cfg.epochs or bool(cfg.max_steps and self.step >= cfg.max_steps)
                 if self.is_main:
                     self._end_of_epoch(metrics, last_epoch)
                 if self.world > 1:
                     dist.barrier()  # the other ranks wait while rank 0 evaluates and writes the checkpoint
         finally:
+            if monitor is not None:
+                monitor.stop()
             if self.tracker is not None:
                 self.tracker.finish()
         return self.last_metrics
@@ -604,7 +608,7 @@ class Trainer:
             eval_metrics, plot = self.evaluate()
             metrics |= eval_metrics
             self.last_metrics = {"epoch": self.epoch, "step": self.step, **eval_metrics}
-        summary = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k != "epoch")
+        summary = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("train", "eval"))
         print(f"epoch {self.epoch}/{cfg.epochs} step {self.step}  {summary}", flush=True)
         if self.tracker is not None:
             logged = dict(metrics)

@@ -164,7 +164,9 @@ def run_paths(cfg: DictConfig) -> RunPaths:
 def make_dataset(cfg: DictConfig, split: str) -> Dataset:
     """The target dataset of ``split``. ImageNet in ``mode=images`` is encoded batch by
     batch with the VAE, so the model trains on latents (DiT on SD-VAE latents)."""
-    dataset = instantiate(cfg.dataloaders.dataset, split=split)
+    # Built as a partial and then called, so a loader's own one-line error (a missing
+    # file, a wrong shape) reaches the launcher instead of Hydra's InstantiationException.
+    dataset = instantiate(cfg.dataloaders.dataset, _partial_=True)(split=split)
     if cfg.dataloaders.get("mode") == "images":
         device = resolve_device(cfg.device)
         vae = instantiate(cfg.dataloaders.vae).to(device)

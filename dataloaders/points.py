@@ -48,7 +48,10 @@ def make_dataset(split: str, path: str, test_fraction: float = 0.1, seed: int = 
         raise ValueError(f"points test_fraction must lie in (0, 1), got {test_fraction}")
     points = load_points(path)
     if dim is not None and points.shape[1] != dim:
-        raise ValueError(f"points file {path!r} has D={points.shape[1]} but dataloaders.dim={dim}: set dataloaders.dim={points.shape[1]}")
+        raise ValueError(
+            f"points file {path!r} has D={points.shape[1]} but dataloaders.data_shape=[{dim}]: "
+            f"set dataloaders.data_shape=[{points.shape[1]}]"
+        )
     perm = torch.randperm(points.shape[0], generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(round(test_fraction * points.shape[0])))
     rows = {"test": perm[:n_test], "train": perm[n_test:], "reference": perm[n_test:]}

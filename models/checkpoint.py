@@ -61,6 +61,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist: expected a .pt file written by training")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a file: expected a .pt file such as outputs/ckpts/mlp/RUN/last.pt")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else (a text file, a raw pickle, a
+        # truncated copy that lost its central directory) is refused before unpickling,
+        # where the safe unpickler could fail with arbitrary exception types.
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a readable torch checkpoint (truncated or corrupt?): "
+            "expected the zip archive that torch.save writes"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

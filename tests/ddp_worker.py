@@ -42,6 +42,9 @@ def main() -> None:
         torch.save(trainer.model.state_dict(), out / f"final_rank{env.rank}.pt")
 
         messages = []
+        # A fresh optimizer at a constant rate: the run's schedule may have decayed to 0 by now.
+        trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
         wrapped = trainer.step_module
         trainer.step_module = wrapped.module  # the trap: DDP's forward (and its all-reduce) bypassed
         trainer.ranks_checked = False

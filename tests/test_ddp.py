@@ -38,6 +38,12 @@ def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def failure(result: subprocess.CompletedProcess) -> str:
+    """The first traceback (the rank that failed first), then the tail."""
+    first = result.stderr.find("Traceback")
+    return result.stderr[max(first, 0):][:3000] + "\n...\n" + result.stderr[-1500:]
+
+
 def compose(overrides: list[str]):
     cfg = launcher.compose(overrides)
     OmegaConf.resolve(cfg)
@@ -52,7 +58,7 @@ def worker_run(request, tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp(f"ddp_{loss}")
     overrides = [f"run_name=ddp_{loss}", f"output_dir={out / 'outputs'}", f"loss={loss}", *TINY]
     result = torchrun(["tests/ddp_worker.py", str(out), *overrides])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     return out, overrides
 
 
@@ -108,7 +114,7 @@ def test_launcher_under_torchrun_then_resume_in_one_process(tmp_path):
     outputs = tmp_path / "outputs"
     args = ["run_name=pair", f"output_dir={outputs}", *TINY]
     result = torchrun(["launcher.py", *args])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     assert result.stdout.count("run pair:") == 1, "only rank 0 prints"
     assert result.stdout.count("epoch 2/2 step 8") == 1, result.stdout  # 512 / (64 x 2 ranks) = 4 steps an epoch
     last = outputs / "ckpts" / "mlp" / "pair" / "last.pt"

@@ -1,0 +1,59 @@
+"""scripts/benchmark.py runs as a file in its quick mode and prints well-formed tables.
+
+Smoke test only: the timings depend on the machine and its load, so nothing is
+asserted about their size beyond being positive numbers.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """Markdown tables by the ``## `` heading above them, each as a list of row dicts."""
+    tables: dict[str, list[dict[str, str]]] = {}
+    heading, header, rows = None, None, None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            heading, header = line.lstrip("#").strip(), None
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if header is None:
+                header, rows = cells, []
+                tables[heading] = rows
+            elif not all(set(c) <= {"-", " "} for c in cells):
+                assert len(cells) == len(header), f"ragged row under {heading!r}: {line}"
+                rows.append(dict(zip(header, cells)))
+        else:
+            header = None
+    return tables
+
+
+@pytest.mark.slow
+def test_quick_benchmark_tables(tmp_path: Path) -> None:
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--models", "mlp", "--repeats", "2",
+           "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tables = parse_tables(out.read_text())
+
+    steps = tables["Training step"]
+    assert {r["loss"] for r in steps} == {"mse", "meanflow-fused", "meanflow-separate"}
+    for r in steps:
+        assert float(r["median ms/step"]) > 0 and float(r["samples/s"]) > 0
+        assert float(r["peak MiB (RSS growth)"]) >= 0  # CPU: measured in a fresh subprocess
+
+    (ratio,) = tables["MeanFlow over flow matching"]
+    for key in ("fused / FM", "separate / FM"):
+        assert float(ratio[key].removesuffix("x")) > 0
+
+    sampling = tables["Sampling"]
+    assert {r["sampler"] for r in sampling} == {"euler", "midpoint", "heun", "rk4", "meanflow"}
+    for r in sampling:
+        assert float(r["median ms"]) > 0
+        assert int(r["NFE"]) >= int(r["steps"])

@@ -147,6 +147,9 @@ def trained_run(tmp_path_factory) -> TrainedRun:
         "eval.every_epochs=1",
         "checkpoint.every_epochs=1",
         "checkpoint.archive_every_epochs=2",
+        # The learning-rate schedule's horizon is max_steps when set (else epochs x steps
+        # per epoch): fixing it lets a 2-epoch run resumed to 4 follow the same schedule.
+        "max_steps=32",
     ]
     result = launch(["run_name=straight", *overrides, "epochs=4", f"output_dir={output_dir}"], cwd=root, trackio_dir=store)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -45,7 +45,8 @@ NEEDS_FILES = {
 }
 # Configs that are composed and checked against their target's signature, not built.
 NOT_BUILT = {
-    ("vae", "sd_ema"): "loads pretrained weights from the Hugging Face hub; tests/test_vae.py builds a tiny AutoencoderKL from a local folder",
+    ("vae", "sd_ema"): "loads pretrained weights from the Hugging Face hub; "
+    "tests/test_vae.py builds a tiny AutoencoderKL from a local folder instead",
 }
 
 
@@ -170,6 +171,15 @@ def check_vae(name: str, tmp_path: Path) -> None:
     assert isinstance(instantiate(cfg.vae), nn.Module)
 
 
+def check_modal(name: str, tmp_path: Path) -> None:
+    """Settings for the Modal backend (no ``_target_``): read the way the app reads them."""
+    from scripts.modal_app import modal_settings
+
+    cfg = compose([override("modal", name)])
+    settings = modal_settings(cfg)
+    assert settings.gpu_count >= 1 and settings.gpu_spec.startswith(settings.gpu)
+
+
 CHECKS = {
     "dataloaders": check_dataloaders,
     "model": check_model,
@@ -177,6 +187,7 @@ CHECKS = {
     "solver": check_solver,
     "experiment": check_experiment,
     "vae": check_vae,
+    "modal": check_modal,
 }
 
 

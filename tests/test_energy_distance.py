@@ -34,7 +34,8 @@ def test_matches_scipy_cdist_on_larger_sets():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(300, 4)), rng.standard_t(df=3, size=(200, 4))
     expected = 2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean()
-    assert energy_distance(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(expected, rel=1e-8)  # torch.cdist uses the Gram-matrix form on large sets
+    # rel 1e-8: torch.cdist switches to the Gram-matrix form on large sets
+    assert energy_distance(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(expected, rel=1e-8)
 
 
 def test_one_dimensional_value_is_the_square_of_scipys():

@@ -398,7 +398,8 @@ class Trainer:
         if len(self.train_set) < cfg.batch_size * world:
             raise RunError(f"batch_size={cfg.batch_size} exceeds the training set ({len(self.train_set)} samples per epoch)")
         self.model = build_model(cfg.model).to(self.device)
-        self.loss_fn = instantiate({k: v for k, v in cfg.loss.items() if k != "name"}).to(self.device)
+        # partial, then call: the loss's own one-line ValueError, not Hydra's wrapper
+        self.loss_fn = instantiate({k: v for k, v in cfg.loss.items() if k != "name"}, _partial_=True)().to(self.device)
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.halflife_samples)
         self.optimizer = instantiate(cfg.optimizer)(self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))

@@ -29,7 +29,9 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
     architecture for checkpoint paths and is not a constructor argument)."""
     node = OmegaConf.create(model_cfg) if isinstance(model_cfg, dict) else model_cfg
     kwargs = {k: v for k, v in node.items() if k != "name"}
-    return instantiate(kwargs, _convert_="all")
+    # A partial, then the call: a constructor's one-line ValueError reaches the user
+    # as itself rather than wrapped in Hydra's InstantiationException.
+    return instantiate(kwargs, _partial_=True, _convert_="all")()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

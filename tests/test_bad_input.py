@@ -123,6 +123,23 @@ def test_bad_values_are_refused(ws, override, needle):
     assert ws.untouched()
 
 
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["model.activation=nope"], "unknown activation 'nope'"),
+        (["loss=meanflow", "loss.ratio=2"], "loss.ratio=2"),
+        (["optimizer.lr=-1"], "-1"),
+        (["ema.decay=2"], "ema decay"),
+        (["dataloaders.time_sampler=beta"], "'beta'"),
+    ],
+    ids=["model", "loss", "optimizer", "ema", "time_sampler"],
+)
+def test_bad_constructor_arguments_are_refused(ws, overrides, needle):
+    """A model's, loss's or optimizer's own ValueError, not Hydra's multi-line wrapper."""
+    assert_one_line_error(ws.run(*overrides, run_name="fresh"), needle, code=2)
+    assert ws.untouched()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so device=cuda is valid here")
 def test_cuda_without_cuda_is_refused(ws):
     assert_one_line_error(ws.run("device=cuda", run_name="fresh"), "device=cuda", "device=cpu", code=2)

@@ -132,8 +132,8 @@ def build_image(settings: ModalSettings) -> modal.Image:
 @dataclass(frozen=True)
 class BuiltApp:
     app: modal.App
-    train: modal.Function  # remote_train on the GPU(s)
-    list: modal.Function  # remote_list, CPU only
+    train_fn: modal.Function  # remote_train on the GPU(s)
+    list_fn: modal.Function  # remote_list, CPU only
 
 
 def build_app(cfg: DictConfig | None = None) -> BuiltApp:
@@ -393,12 +393,12 @@ def merge_trackio(remote: Path, local: Path) -> list[str]:
         dst = sqlite3.connect(local / remote_db.name, timeout=30)
         try:
             with dst:
-                if not _columns(dst, "metrics"):
-                    _create_like(src, dst)
                 for conn, where in ((src, f"remote {remote_db}"), (dst, f"local {local / remote_db.name}")):
-                    if "run_id" not in _columns(conn, "metrics"):
+                    if _columns(conn, "metrics") and "run_id" not in _columns(conn, "metrics"):
                         raise ModalAppError(f"trackio store {where} predates run ids: open it once with this trackio "
                                             "version (e.g. trackio show) so it migrates, then sync again")
+                if not _columns(dst, "metrics"):
+                    _create_like(src, dst)
                 local_runs = _runs(dst)
                 taken = set(local_runs.values())
                 for run_id, name in sorted(_runs(src).items(), key=lambda item: item[1]):
@@ -434,7 +434,8 @@ def _merge_run(src: sqlite3.Connection, dst: sqlite3.Connection, project: str, r
             if "space_id" in record:
                 record["space_id"] = None  # nothing to upload from here
             if table == "metrics" and target != name:
-                record["metrics"] = json.dumps(_renamed_media(json.loads(record["metrics"]), old_prefix, new_prefix)).encode()
+                renamed = _renamed_media(json.loads(record["metrics"]), old_prefix, new_prefix)
+                record["metrics"] = json.dumps(renamed, separators=(",", ":")).encode()  # trackio's compact form
             values = tuple(record[c] for c in cols)
             if values in have or tuple(row) in have:
                 continue
@@ -475,7 +476,7 @@ def launch_remote(cfg: DictConfig, overrides: list[str]) -> int:
     print(f"Modal: app {settings.app_name}, {settings.gpu_spec}, volume {settings.volume}, timeout {settings.timeout}s "
           f"(overrides: {' '.join(overrides)})", flush=True)
     with modal.enable_output(), built.app.run():
-        result = built.train.remote(cfg_dict, settings.gpu_count, settings.volume)
+        result = built.train_fn.remote(cfg_dict, settings.gpu_count, settings.volume)
     if result["checkpoint"]:
         print(f"checkpoint on volume {settings.volume}: {result['checkpoint']}; "
               f"download with: python scripts/modal_app.py fetch {cfg.run_name}")
@@ -510,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             built = build_app()
             with built.app.run():
-                runs = built.list.remote()
+                runs = built.list_fn.remote()
             print(f"{'run':<32} {'arch':<10} {'epoch':>6} {'step':>9} {'size':>10}")
             for run in runs:
                 print(f"{run['name']:<32} {run['arch']:<10} {run['epoch']:>6} {run['step']:>9} {run['size_bytes'] / 2**20:>8.1f}MB")

@@ -66,7 +66,7 @@ def test_app_is_built_from_the_config():
                      "python_version": "3.12"}
     built = modal_app.build_app(cfg)
     assert built.app.name == "dz-test"
-    train_fn = built.train
+    train_fn = built.train_fn
     spec = train_fn._spec_
     assert spec.gpus == "H100:2"
     assert list(spec.volumes) == [modal_app.VOLUME_MOUNT]
@@ -88,7 +88,7 @@ def test_app_is_built_from_the_config():
     (entry,) = mount._entries
     assert (entry.local_dir, str(entry.remote_path), entry.ignore) == (ROOT, modal_app.REMOTE_PROJECT, modal_app.ignored)
 
-    list_fn = built.list
+    list_fn = built.list_fn
     assert list_fn._spec_.gpus is None and list_fn._spec_.volumes[modal_app.VOLUME_MOUNT].name == "dz-test-volume"
 
 
@@ -119,7 +119,7 @@ from scripts import modal_app
 overrides, volume, gpus = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 cfg = launcher.compose(overrides)
 built = modal_app.build_app(cfg)
-result = built.train.local(OmegaConf.to_container(cfg, resolve=True), gpus, "unused", volume)
+result = built.train_fn.local(OmegaConf.to_container(cfg, resolve=True), gpus, "unused", volume)
 print("RESULT " + json.dumps(result))
 """
 

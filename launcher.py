@@ -45,8 +45,12 @@ def one_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
+    if "Config search path:" in lines:  # Hydra appends its search path: noise for the user
+        lines = lines[: lines.index("Config search path:")]
     head, rest = lines[0], lines[1:]
-    return head + (" " + ", ".join(rest) if rest else "")
+    if rest and rest[0].endswith(":"):  # "Available options in 'model':" followed by the options
+        return f"{head} {rest[0]} {', '.join(rest[1:])}"
+    return " ".join(lines)
 
 
 def compose(overrides: list[str]):
@@ -99,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DZ_TRACEBACK"):
             raise
         return fail(one_line(err))
+    except train.TrainingFailed as err:
+        if os.environ.get("DZ_TRACEBACK"):
+            raise
+        return fail(one_line(err), code=1)
     except train.RunError as err:
         if os.environ.get("DZ_TRACEBACK"):
             raise
-        starting = "at step" not in str(err)
-        return fail(one_line(err), code=2 if starting else 1)
+        return fail(one_line(err))
     except KeyboardInterrupt:
         return fail("interrupted; the last checkpoint written is kept", code=130)
     return 0

@@ -39,12 +39,21 @@ def logit_normal(n: int, mean: float, std: float, device: torch.device) -> Tenso
 
 
 def sample_time_pairs(
-    n: int, sampler: str, ratio: float, mean: float, std: float, device: torch.device
+    n: int,
+    sampler: str,
+    ratio: float,
+    mean: float,
+    std: float,
+    device: torch.device,
+    r_mean: float | None = None,
+    r_std: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Draw ``(s, t)`` with ``0 <= s <= t <= 1`` in this project's convention.
 
     ``mean``/``std`` are the paper's logit-normal parameters for its times (noise at
     1), so the published numbers copy over; a paper time ``τ`` is mapped to ``1 - τ``.
+    ``r_mean``/``r_std`` (default: the same) give the second draw its own law, as the
+    published CIFAR-10 scripts do.
     ``ratio`` is the fraction of pairs with ``s != t`` (the first ``round(ratio n)`` of
     the batch, which the loader has shuffled), as in the published code.
 
@@ -53,7 +62,7 @@ def sample_time_pairs(
     - ``improved``: the mask first, then the order, so equal pairs are one plain draw.
     """
     a = logit_normal(n, mean, std, device)
-    b = logit_normal(n, mean, std, device)
+    b = logit_normal(n, mean if r_mean is None else r_mean, std if r_std is None else r_std, device)
     distinct = torch.arange(n, device=device) < round(ratio * n)
     if sampler == "paper":
         t_paper, r_paper = torch.maximum(a, b), torch.minimum(a, b)
@@ -71,6 +80,7 @@ class MeanFlowLoss(BaseLoss):
         sampler: ``paper`` or ``improved`` (s, t) sampler, see ``sample_time_pairs``.
         ratio: fraction of pairs with ``s != t`` in [0, 1] (paper: 0.75 CIFAR-10, 0.25 ImageNet).
         time_mean, time_std: logit-normal parameters in the paper's convention.
+        r_mean, r_std: a separate law for the second draw (None: the same as the first).
         p: adaptive-weight power (>= 0; 0 is the plain squared error).
         eps: adaptive-weight offset (> 0 keeps the weight finite).
         num_classes: the model's classes (0: unconditional).
@@ -88,6 +98,8 @@ class MeanFlowLoss(BaseLoss):
         ratio: float = 0.75,
         time_mean: float = -0.4,
         time_std: float = 1.0,
+        r_mean: float | None = None,
+        r_std: float | None = None,
         p: float = 1.0,
         eps: float = 1e-3,
         num_classes: int = 0,
@@ -108,8 +120,8 @@ class MeanFlowLoss(BaseLoss):
             raise ValueError(f"loss.eps={eps}: expected >= 0")
         if p > 0 and eps == 0:
             raise ValueError(f"loss.eps=0 with loss.p={p}: the adaptive weight 1/(loss+eps)^p needs eps > 0")
-        if time_std <= 0:
-            raise ValueError(f"loss.time_std={time_std}: expected > 0")
+        if time_std <= 0 or (r_std is not None and r_std <= 0):
+            raise ValueError(f"loss.time_std={time_std}, loss.r_std={r_std}: expected > 0")
         if not 0.0 <= class_drop_prob <= 1.0:
             raise ValueError(f"loss.class_drop_prob={class_drop_prob}: expected a probability in [0, 1]")
         guided = cfg_omega != 1.0 or cfg_kappa != 0.0
@@ -126,6 +138,7 @@ class MeanFlowLoss(BaseLoss):
         if jvp_mode not in JVP_MODES:
             raise ValueError(f"loss.jvp_mode={jvp_mode!r}: expected one of {list(JVP_MODES)}")
         self.sampler, self.ratio, self.time_mean, self.time_std = sampler, ratio, time_mean, time_std
+        self.r_mean, self.r_std = r_mean, r_std
         self.p, self.eps = p, eps
         self.num_classes, self.class_drop_prob = num_classes, class_drop_prob
         self.cfg_omega, self.cfg_kappa, self.cfg_interval = cfg_omega, cfg_kappa, (lo, hi)
@@ -180,7 +193,7 @@ class MeanFlowLoss(BaseLoss):
     def forward(self, model: nn.Module, batch: BaseItem) -> Tensor:
         x0, x1 = batch.raw_source, batch.raw_target
         n, device = x1.shape[0], x1.device
-        s, t = sample_time_pairs(n, self.sampler, self.ratio, self.time_mean, self.time_std, device)
+        s, t = sample_time_pairs(n, self.sampler, self.ratio, self.time_mean, self.time_std, device, self.r_mean, self.r_std)
         sb = broadcast_time(s, x1)
         x_s = (1 - sb) * x0 + sb * x1  # straight path at the start time s
         v = x1 - x0  # conditional velocity

@@ -22,6 +22,8 @@ label is kept (dropped labels train the null class on plain ``v``), optionally o
 for ``s`` in a time interval.
 """
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -29,6 +31,10 @@ from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_
 from helpers_cfg import null_labels, training_labels
 from losses.base_loss import BaseLoss, rewound_rng
 from models.attention import jvp_safe_attention
+
+# torch registers its own forward-AD decompositions with torch.jit.script on the first
+# jvp and warns about its own deprecated call; nothing in this project can act on it.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 SAMPLERS = ("paper", "improved")
 JVP_MODES = ("auto", "fused", "separate")

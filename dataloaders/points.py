@@ -4,6 +4,8 @@ holding a float array of shape (N, D). ``.pt`` files are read with
 split is a fixed random ``test_fraction`` of the rows (chosen by ``seed``).
 """
 
+import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +24,11 @@ def load_points(path: str | Path) -> torch.Tensor:
         except ValueError as err:
             raise ValueError(f"points file {str(path)!r} is not a plain numeric .npy array ({err})") from None
     elif path.suffix == ".pt":
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; refuse anything else unread
+            raise ValueError(f"points file {str(path)!r} is not a torch.save file: expected a tensor of shape (N, D)")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for non-tensor or corrupt files
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
             raise ValueError(f"points file {str(path)!r} is not a tensor file readable with weights_only=True ({err})") from None
         array = obj["points"] if isinstance(obj, dict) and "points" in obj else obj
         if not isinstance(array, torch.Tensor):

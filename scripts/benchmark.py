@@ -22,7 +22,7 @@ Prints Markdown tables:
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the measured steps
 (weights, gradients, Adam moments and activations). On the CPU each (model, loss) runs
 in a fresh subprocess that builds the model, optimizer and batch, reads its resident
-set size (RSS), runs three steps and reports the peak RSS (``ru_maxrss``) minus that
+set size (RSS), runs three steps and reports the peak RSS (``VmHWM``) minus that
 baseline: activations, gradients, Adam moments and allocator slack, not the weights.
 
 ``--profile`` adds the operators that dominate the MeanFlow step (torch.profiler, self
@@ -55,6 +55,8 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
+from torch._dynamo.exc import BackendCompilerFailed  # noqa: E402
+from torch._inductor.exc import InductorError  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -219,7 +221,10 @@ class StepBench:
         self.modules: dict[str, nn.Module] = {}
         for loss in losses:
             module = LossModule(self.model, make_loss(loss).to(device))
-            self.modules[loss] = torch.compile(module) if compiled else module
+            # dynamic=False: the shapes never change here, and automatic dynamic shapes (the
+            # default once a frame recompiles, e.g. the model's forward under a second loss)
+            # hit an Inductor error on SmallCNN + MeanFlow with torch 2.14 on the CPU
+            self.modules[loss] = torch.compile(module, dynamic=False) if compiled else module
 
     def step(self, loss_name: str) -> None:
         loss = self.modules[loss_name](self.batch)
@@ -290,8 +295,13 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    """This process's peak RSS. On Linux ``VmHWM`` of /proc/self/status: ``ru_maxrss``
+    survives ``exec``, so a child started by a big parent would report the parent's RSS."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
 
 
 def memory_probe(name: str, loss: str, device: torch.device) -> dict:
@@ -333,6 +343,43 @@ def profile_step(name: str, device: torch.device, loss: str, top: int) -> list[t
     return [(e.key, getattr(e, key) / 1000 / steps, e.count // steps) for e in events]
 
 
+class WeightConstantLinear(torch.autograd.Function):
+    """EXPERIMENTAL, benchmark only: ``F.linear`` whose forward-mode rule treats the
+    weight as a constant (``t_out = t_x Wᵀ``), the only case MeanFlow's JVP needs. The
+    built-in rule also multiplies by the weight's (zero) tangent: a wasted matmul."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx, tx: Tensor, tw: Tensor | None, tb: Tensor | None) -> Tensor:
+        (weight,) = ctx.saved_tensors
+        return nn.functional.linear(tx, weight)
+
+
+class WeightConstantConv(torch.autograd.Function):
+    """EXPERIMENTAL, benchmark only: a 3x3 same-padding ``conv2d`` whose forward-mode rule
+    is ``conv(t_x, W)`` alone (the built-in rule adds ``conv(x, t_W)`` with a zero ``t_W``)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return nn.functional.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx, tx: Tensor, tw: Tensor | None, tb: Tensor | None) -> Tensor:
+        (weight,) = ctx.saved_tensors
+        return nn.functional.conv2d(tx, weight, None, padding=1)
+
+
 def layer_jvp_costs(device: torch.device) -> list[tuple[str, float, float, int]]:
     """(layer, forward ms, no-grad JVP ms, convolution/matmul calls inside the JVP) for the
     building blocks of the models: a JVP should cost about two forwards (primal + tangent)."""
@@ -340,18 +387,20 @@ def layer_jvp_costs(device: torch.device) -> list[tuple[str, float, float, int]]
 
     x = torch.randn(16, 40, 32, 32, device=device)
     a = torch.randn(512, 256, device=device)
-    layers = [("Conv2d 40->40 3x3, 16x40x32x32", nn.Conv2d(40, 40, 3, padding=1), x),
-              ("Linear 256->256, 512x256", nn.Linear(256, 256), a),
-              ("GroupNorm(8, 40), 16x40x32x32", nn.GroupNorm(8, 40), x),
+    conv, linear = nn.Conv2d(40, 40, 3, padding=1).to(device), nn.Linear(256, 256).to(device)
+    layers = [("Conv2d 40->40 3x3, 16x40x32x32", conv, x),
+              ("EXPERIMENTAL WeightConstantConv, same", lambda i: WeightConstantConv.apply(i, conv.weight, conv.bias), x),
+              ("Linear 256->256, 512x256", linear, a),
+              ("EXPERIMENTAL WeightConstantLinear, same", lambda i: WeightConstantLinear.apply(i, linear.weight, linear.bias), a),
+              ("GroupNorm(8, 40), 16x40x32x32", nn.GroupNorm(8, 40).to(device), x),
               ("SiLU, 16x40x32x32", nn.SiLU(), x)]
     heavy = ("aten::mkldnn_convolution", "aten::convolution_overrideable", "aten::cudnn_convolution", "aten::mm", "aten::addmm")
     rows = []
     for label, layer, inp in layers:
-        layer = layer.to(device)
         tangent = torch.randn_like(inp)
         with torch.no_grad():
-            fwd = median_time(lambda: layer(inp), device)
-            jvp = median_time(lambda: torch.func.jvp(layer, (inp,), (tangent,)), device)
+            fwd = median_time(lambda: layer(inp), device, 20)
+            jvp = median_time(lambda: torch.func.jvp(layer, (inp,), (tangent,)), device, 20)
             with profile() as prof:
                 torch.func.jvp(layer, (inp,), (tangent,))
         calls = sum(e.count for e in prof.key_averages() if e.key in heavy)
@@ -535,10 +584,17 @@ def main(argv: list[str] | None = None) -> str:
     print("\n".join(out), flush=True)
 
     results: list[StepResult] = []
+    compile_failures: list[str] = []
     for name in args.models:
-        for compiled in (False, True) if args.compile and name in args.compile_models else (False,):
-            print(f"[step] {name} compiled={compiled} ...", file=sys.stderr, flush=True)
-            results += bench_steps(name, device, losses, compiled, args.repeats, block_s, warmup)
+        print(f"[step] {name} ...", file=sys.stderr, flush=True)
+        results += bench_steps(name, device, losses, False, args.repeats, block_s, warmup)
+        if args.compile and name in args.compile_models:
+            print(f"[step] {name} compiled ...", file=sys.stderr, flush=True)
+            try:
+                results += bench_steps(name, device, losses, True, args.repeats, block_s, warmup)
+            except (BackendCompilerFailed, InductorError) as err:
+                # a compiler bug is a result to report, not a reason to lose the other rows
+                compile_failures.append(f"{MODELS[name].label}: torch.compile failed: {str(err).strip().splitlines()[0]}")
     if device.type == "cpu" and not args.no_memory:
         for r in results:
             if not r.compiled:
@@ -546,7 +602,7 @@ def main(argv: list[str] | None = None) -> str:
                 r.peak_mb = cpu_peak_memory(r.model, r.loss)
     mem_note = ("peak memory = torch.cuda.max_memory_allocated over the timed steps (weights, grads, Adam, activations)"
                 if device.type == "cuda" else
-                "peak memory = peak RSS (ru_maxrss) minus RSS after building model, optimizer and batch, "
+                "peak memory = peak RSS (VmHWM / ru_maxrss) minus RSS after building model, optimizer and batch, "
                 "in a fresh process per row, over 3 eager steps (activations, grads, Adam moments; not the weights)")
     section = [
         "## Training step",
@@ -563,6 +619,8 @@ def main(argv: list[str] | None = None) -> str:
         + "First call = the first step (includes compilation when compiled).",
         "",
         ratio_table(results),
+        "",
+        *[f"- {line}" for line in compile_failures],
         "",
         f"After the step benchmark: {load_line()}",
         "",

@@ -131,6 +131,9 @@ class ExperimentalMeanFlowLoss(MeanFlowLoss):
     every weight and convolves / multiplies by it, and GroupNorm's forward-AD formula
     runs as dozens of element-wise ops. The price is an O(h) truncation error plus
     O(float32 eps / h) rounding in the (stop-gradient) target; ``target_error`` measures it.
+    Measured: fine for the MLP (0.2 % at h = 1e-4, its time features stop at 16 rad),
+    1-6 % for the image models, whose 1000x-scaled sinusoidal time embedding makes
+    du/ds steep in s: no h is both small enough and above float32 rounding.
     """
 
     def __init__(self, step: float = FD_STEP, **kwargs) -> None:

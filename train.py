@@ -445,7 +445,9 @@ class Trainer:
             # parameter use and all-reduce the gradients; it also broadcasts rank 0's weights.
             wrapped = DistributedDataParallel(self.loss_module, device_ids=[local_rank] if self.device.type == "cuda" else None)
             self.ema.module.load_state_dict(self.model.state_dict())  # the EMA starts from the broadcast weights
-        self.step_module = torch.compile(wrapped, mode=cfg.compile_mode) if cfg.compile else wrapped
+        # Batches have one shape (drop_last), so dynamic shapes only cost: with them on,
+        # inductor failed to compile the MeanFlow JVP of the SmallCNN (torch 2.14).
+        self.step_module = torch.compile(wrapped, mode=cfg.compile_mode, dynamic=False) if cfg.compile else wrapped
         self.ranks_checked = world == 1
         self.step = 0
         self.epoch = 0

@@ -342,3 +342,19 @@ def test_meanflow_training_improves_one_step_samples() -> None:
         assert math.isfinite(loss.item())
     after = one_step_distance()
     assert after < 0.1 * before, (before, after)
+
+
+def test_auto_mode_picks_by_model_size() -> None:
+    """``auto`` resolves once, on the first model: separate for small, fused for large."""
+    small = MeanFlowLoss(jvp_mode="auto")
+    small(MLP(data_dim=2, hidden=16, depth=1), make_batch(4))
+    assert small.jvp_mode == "separate"
+
+    class Large(MLP):
+        def __init__(self) -> None:
+            super().__init__(data_dim=2, hidden=16, depth=1)
+            self.unused = nn.Parameter(torch.zeros(10_000_000))  # counts toward the size only
+
+    large = MeanFlowLoss(jvp_mode="auto")
+    large(Large(), make_batch(4))
+    assert large.jvp_mode == "fused"

@@ -58,6 +58,17 @@ def test_guided_velocity_refuses_an_unconditional_model() -> None:
         guided_velocity(model, z, torch.zeros(2, dtype=torch.long), 2.0, num_classes=0)
 
 
+@pytest.fixture
+def one_thread():
+    """Small matmuls on a shared 2-core box: two OpenMP threads spin against each other
+    and the other processes (measured: the MeanFlow training below takes 150 s with two
+    threads, 15 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train_conditional(loss: BaseLoss, steps: int, seed: int = 0) -> nn.Module:
     """A class-conditional MLP trained on the K-cluster ring with a plain Adam loop."""
     torch.manual_seed(seed)
@@ -93,7 +104,7 @@ def assert_classes_separate(sample, held_out: dict[int, Tensor]) -> None:
         assert ed_cond < 0.6 * ed_uncond, f"class {c}: conditional {ed_cond:.3f} vs null-label {ed_uncond:.3f}"
 
 
-def test_meanflow_with_guided_target_separates_classes_in_one_step() -> None:
+def test_meanflow_with_guided_target_separates_classes_in_one_step(one_thread) -> None:
     # ω = 1.2, κ = 0: the target's velocity is 1.2 v - 0.2 u(x_s, s, s | ∅), an effective
     # guidance scale ω / (1 - κ) = 1.2. Mild on purpose: on well-separated 2-D clusters
     # guidance pushes one-step samples past their cluster (measured class means at radius
@@ -106,7 +117,7 @@ def test_meanflow_with_guided_target_separates_classes_in_one_step() -> None:
         assert_classes_separate(lambda label: sample_meanflow(model, noise, num_steps=1, label=label).samples, held_out_by_class())
 
 
-def test_flow_matching_with_label_drop_and_guided_sampling_separates_classes() -> None:
+def test_flow_matching_with_label_drop_and_guided_sampling_separates_classes(one_thread) -> None:
     loss = FlowMatchingMSELoss(num_classes=K, class_drop_prob=0.1)
     model = train_conditional(loss, steps=500)
     noise = torch.randn(N_SAMPLES, 2, generator=torch.Generator().manual_seed(1))

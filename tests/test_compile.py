@@ -73,12 +73,14 @@ def test_compiled_meanflow_step_matches_eager(jvp_mode: str, graph_breaks: int) 
 
 def test_launcher_trains_compiled_meanflow(tmp_path) -> None:
     out = tmp_path / "outputs"
-    result = launch(["run_name=compiled", *TINY_OVERRIDES, "compile=true", "loss=meanflow", "epochs=1",
-                     f"output_dir={out}"], cwd=tmp_path, timeout=480)
+    # jvp_mode=fused: ``auto`` picks ``separate`` for a model this small, and there the
+    # model and its JVP run eagerly (see above), so the run would not exercise compilation.
+    result = launch(["run_name=compiled", *TINY_OVERRIDES, "compile=true", "loss=meanflow", "loss.jvp_mode=fused",
+                     "epochs=1", f"output_dir={out}"], cwd=tmp_path, timeout=480)
     assert result.returncode == 0, result.stderr[-3000:]
     last = out / "ckpts" / "mlp" / "compiled" / "last.pt"
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert state["step"] == 8 and state["config"]["compile"] is True
+    assert state["step"] == 8 and state["config"]["compile"] is True and state["config"]["loss"]["jvp_mode"] == "fused"
     # The checkpoint holds the plain module (no torch.compile "_orig_mod." prefix), so it
     # loads into an un-compiled model.
     assert not any(k.startswith("_orig_mod") for k in state["model"])

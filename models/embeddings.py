@@ -77,3 +77,14 @@ def check_labels(num_classes: int, y: Tensor | None) -> None:
     """An unconditional model (num_classes=0) takes no labels."""
     if num_classes == 0 and y is not None:
         raise ValueError("this model is unconditional (num_classes=0) but got class labels; pass y=None")
+
+
+def check_levels(model: str, image_size: int, channel_mult: tuple[int, ...]) -> None:
+    """A down/up-sampling model with ``len(channel_mult)`` levels halves the image
+    ``levels - 1`` times: the size must divide evenly (one-line error otherwise)."""
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size % factor != 0:
+        raise ValueError(
+            f"{model} image_size={image_size} is not divisible by 2**(levels-1)={factor} "
+            f"for channel_mult={list(channel_mult)}: use a multiple of {factor} or fewer levels"
+        )

@@ -200,13 +200,22 @@ def test_time_pair_samplers(sampler: str) -> None:
 
 
 def test_ratio_zero_is_flow_matching_on_the_diagonal() -> None:
-    """With no s != t pairs the target is v and the loss is the weighted FM loss."""
+    """With no s != t pairs (and p = 0) the target is v and the loss is the flow-matching
+    loss ||u(x_s, s, s) - v||² summed over dimensions, computed here independently."""
     torch.manual_seed(0)
     model = MLP(data_dim=2, hidden=16, depth=2)
-    loss_fn = MeanFlowLoss(ratio=0.0, p=0.0)
     batch = make_batch()
-    loss = loss_fn(model, batch)
-    assert loss.item() > 0
+    torch.manual_seed(3)
+    loss = MeanFlowLoss(ratio=0.0, p=0.0)(model, batch)
+    torch.manual_seed(3)
+    s, t = sample_time_pairs(32, "paper", 0.0, -0.4, 1.0, torch.device("cpu"))
+    assert torch.equal(s, t)
+    x0, x1 = batch.raw_source, batch.raw_target
+    x_s = (1 - s[:, None]) * x0 + s[:, None] * x1
+    with torch.no_grad():
+        u = model(make_unified_flow_matching_input(x_s, s, s))
+    expected = (u - (x1 - x0)).pow(2).sum(dim=1).mean()
+    assert torch.allclose(loss.detach(), expected, rtol=1e-5)
 
 
 class ConstantField(nn.Module):

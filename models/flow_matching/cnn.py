@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import split_unified_input
-from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_labels
+from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_labels, check_levels
 
 
 class ResBlock(nn.Module):
@@ -64,12 +64,7 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
-        factor = 2 ** (len(channel_mult) - 1)
-        if image_size % factor != 0:
-            raise ValueError(
-                f"SmallCNN image_size={image_size} is not divisible by 2**(levels-1)={factor} "
-                f"for channel_mult={list(channel_mult)}: use a multiple of {factor} or fewer levels"
-            )
+        check_levels("SmallCNN", image_size, channel_mult)
         widths = [hidden_channels * m for m in channel_mult]
         if any(w % num_groups for w in widths):
             raise ValueError(f"num_groups={num_groups} must divide every level width {widths}")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import split_unified_input
 from models.attention import attention
-from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_labels
+from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_labels, check_levels
 
 SKIP_SCALE = 1 / math.sqrt(2)  # DDPM++ rescales every residual sum so its variance stays ~1
 
@@ -121,12 +121,7 @@ class UNet(nn.Module):
         super().__init__()
         channel_mult = tuple(channel_mult)
         attention_resolutions = tuple(attention_resolutions)
-        factor = 2 ** (len(channel_mult) - 1)
-        if image_size % factor != 0:
-            raise ValueError(
-                f"UNet image_size={image_size} is not divisible by 2**(levels-1)={factor} "
-                f"for channel_mult={list(channel_mult)}: use a multiple of {factor} or fewer levels"
-            )
+        check_levels("UNet", image_size, channel_mult)
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
         if not set(attention_resolutions) <= set(resolutions):
             raise ValueError(f"attention_resolutions={list(attention_resolutions)} must be among the UNet's resolutions {resolutions}")

@@ -43,7 +43,7 @@ from dataloaders.base_dataloaders import (
 from evaluation.device_metrics import DeviceMonitor
 from evaluation.energy_distance import energy_distance
 from evaluation.sample import sample_flow, sample_meanflow
-from losses.base_loss import rewound_rng
+from models.jvp import rewound_rng
 from models.checkpoint import build_model, load_model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap
 from models.ema import EMA
 

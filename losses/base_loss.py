@@ -6,10 +6,7 @@ extra values from the last call that the loop may log (e.g. the unweighted MSE).
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import torch
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem
@@ -35,18 +32,3 @@ class BaseLoss(nn.Module, ABC):
     def check_model(self, model: nn.Module, batch: BaseItem) -> None:
         """Called once before training with a real batch: raise a one-line ValueError if
         this loss cannot work with ``model``. Must leave the RNG streams untouched."""
-
-
-@contextmanager
-def rewound_rng(device: torch.device) -> Iterator[None]:
-    """Run the block, then put the RNG back where it was, so whatever runs next draws
-    the same numbers (one dropout mask for two passes; probes that must not shift
-    the stream that exact resume depends on)."""
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
 from helpers_cfg import null_labels, training_labels
-from losses.base_loss import BaseLoss, rewound_rng
-from models.attention import jvp_safe_attention
+from losses.base_loss import BaseLoss
+from models.jvp import primal_and_tangent, rewound_rng
 
 # torch registers its own forward-AD decompositions with torch.jit.script on the first
 # jvp and warns about its own deprecated call; nothing in this project can act on it.
@@ -192,14 +192,8 @@ class MeanFlowLoss(BaseLoss):
         if self.jvp_mode == "auto":  # decided once, on the first model seen
             n_params = sum(p.numel() for p in model.parameters())
             self.jvp_mode = "fused" if n_params >= AUTO_FUSED_MIN_PARAMS else "separate"
-        with torch.autocast(device_type, enabled=False), jvp_safe_attention():
-            if self.jvp_mode == "fused":
-                # One forward-mode pass: the primal output keeps its autograd graph.
-                u, dudt = torch.func.jvp(u_fn, (z,), (tangent_z,))
-            else:
-                with rewound_rng(x.device), torch.no_grad():
-                    _, dudt = torch.func.jvp(u_fn, (z,), (tangent_z,))
-                u = u_fn(z)  # the same dropout mask as the JVP: the RNG was rewound
+        with torch.autocast(device_type, enabled=False):
+            u, dudt = primal_and_tangent(u_fn, z, tangent_z, self.jvp_mode)
         target = v + broadcast_time(t - s, v) * dudt.to(wide)
         return u.to(wide), target.detach()
 

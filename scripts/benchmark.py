@@ -62,7 +62,8 @@ from torch import Tensor, nn  # noqa: E402
 
 from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_base_item, make_unified_flow_matching_input  # noqa: E402
 from evaluation.sample import sample_flow, sample_meanflow  # noqa: E402
-from losses.base_loss import BaseLoss, rewound_rng  # noqa: E402
+from losses.base_loss import BaseLoss  # noqa: E402
+from models.jvp import rewound_rng  # noqa: E402
 from losses.meanflow_loss import MeanFlowLoss, sample_time_pairs  # noqa: E402
 from losses.mse_loss import FlowMatchingMSELoss  # noqa: E402
 from models.checkpoint import build_model  # noqa: E402

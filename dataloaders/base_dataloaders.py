@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+# the inverse of make_unified_flow_matching_input lives with the model contract; re-exported here
+from models.base_model import split_unified_input  # noqa: F401
+
 
 def make_unified_flow_matching_input(x: Tensor, s: Tensor, t: Tensor) -> Tensor:
     """Pack the state and both times into one tensor (DESIGN.md, "unified input").
@@ -43,13 +46,6 @@ def make_unified_flow_matching_input(x: Tensor, s: Tensor, t: Tensor) -> Tensor:
         times = torch.stack([s, t], dim=1)[:, :, None, None].expand(batch, 2, h, w)
         return torch.cat([x, times], dim=1)
     raise ValueError(f"state must be (B, D) or (B, C, H, W), got shape {tuple(x.shape)}")
-
-
-def split_unified_input(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Inverse of ``make_unified_flow_matching_input``: returns ``(x, s, t)``, times (B,)."""
-    if z.dim() == 2:
-        return z[:, :-2], z[:, -2], z[:, -1]
-    return z[:, :-2], z[:, -2, 0, 0], z[:, -1, 0, 0]
 
 
 def broadcast_time(t: Tensor, x: Tensor) -> Tensor:

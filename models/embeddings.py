@@ -57,26 +57,17 @@ class IntervalTimeEmbedder(nn.Module):
 
 
 class ClassEmbedder(nn.Module):
-    """Class embedding with a learned null class at index ``num_classes`` (for guidance).
-
-    ``y=None`` means "no label": every sample gets the null class.
-    """
+    """Class embedding with a learned null class at index ``num_classes`` (for guidance):
+    (B,) int64 -> (B, out_dim). The labels come resolved from ``BaseModel.labels``
+    (the null class already filled in where there was none)."""
 
     def __init__(self, num_classes: int, out_dim: int) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, out_dim)
 
-    def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        if y is None:
-            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+    def forward(self, y: Tensor) -> Tensor:
         return self.table(y)  # (B, out_dim)
-
-
-def check_labels(num_classes: int, y: Tensor | None) -> None:
-    """An unconditional model (num_classes=0) takes no labels."""
-    if num_classes == 0 and y is not None:
-        raise ValueError("this model is unconditional (num_classes=0) but got class labels; pass y=None")
 
 
 def check_levels(model: str, image_size: int, channel_mult: tuple[int, ...]) -> None:

@@ -19,9 +19,9 @@ the output has no learned-sigma channels (a few thousand fewer). Unconditional:
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import split_unified_input
 from models.attention import attention
-from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_labels
+from models.base_model import BaseModel, split_unified_input
+from models.embeddings import ClassEmbedder, IntervalTimeEmbedder
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
@@ -98,7 +98,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(BaseModel):
     """``u(x_s, s, t)`` for images or latents (B, C, H, W).
 
     Args:
@@ -126,7 +126,7 @@ class DiT(nn.Module):
         num_classes: int = 0,
         frequency_dim: int = 256,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         if image_size % patch_size != 0:
             fits = [p for p in (1, 2, 4, 8, 16) if image_size % p == 0]
             raise ValueError(f"DiT image_size={image_size} is not divisible by patch_size={patch_size}: use a patch size in {fits}")
@@ -137,7 +137,6 @@ class DiT(nn.Module):
         self.in_channels = in_channels
         self.image_size = image_size
         self.patch_size = patch_size
-        self.num_classes = num_classes
         self.grid = image_size // patch_size
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -184,13 +183,13 @@ class DiT(nn.Module):
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        check_labels(self.num_classes, y)
         x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
+        y = self.labels(y, z)  # None or (B,), the null class where no label
         h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, T, D), T = (H/p)(W/p)
         h = h + self.pos_embed.to(h.dtype)  # (B, T, D)
         c = self.time_embed(s, t)  # (B, D)
         if self.class_embed is not None:
-            c = c + self.class_embed(y, x.shape[0], x.device)
+            c = c + self.class_embed(y)
         for block in self.blocks:
             h = block(h, c)  # (B, T, D)
         h = self.final_layer(h, c)  # (B, T, p*p*C)

@@ -10,8 +10,8 @@ on MNIST / CIFAR-10 and for tests; the UNet is the model for real runs.
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import split_unified_input
-from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_labels, check_levels
+from models.base_model import BaseModel, split_unified_input
+from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_levels
 
 
 class ResBlock(nn.Module):
@@ -34,7 +34,7 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(BaseModel):
     """``u(x_s, s, t)`` for images (B, C, H, W).
 
     Args:
@@ -62,7 +62,7 @@ class SmallCNN(nn.Module):
         dropout: float = 0.0,
         num_groups: int = 8,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         channel_mult = tuple(channel_mult)
         check_levels("SmallCNN", image_size, channel_mult)
         widths = [hidden_channels * m for m in channel_mult]
@@ -70,7 +70,6 @@ class SmallCNN(nn.Module):
             raise ValueError(f"num_groups={num_groups} must divide every level width {widths}")
         self.in_channels = in_channels
         self.image_size = image_size
-        self.num_classes = num_classes
 
         self.time_embed = IntervalTimeEmbedder(emb_dim, frequency_dim=64)
         self.class_embed = ClassEmbedder(num_classes, emb_dim) if num_classes > 0 else None
@@ -114,11 +113,11 @@ class SmallCNN(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        check_labels(self.num_classes, y)
         x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
+        y = self.labels(y, z)  # None or (B,), the null class where no label
         emb = self.time_embed(s, t)  # (B, E)
         if self.class_embed is not None:
-            emb = emb + self.class_embed(y, x.shape[0], x.device)
+            emb = emb + self.class_embed(y)
         h = self.conv_in(x)  # (B, w0, H, W)
         skips = []
         for level, blocks in enumerate(self.down):

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import split_unified_input
+from models.base_model import BaseModel, split_unified_input
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -32,7 +32,7 @@ def fourier_time_features(t: Tensor, dim: int, max_freq: float = 16.0) -> Tensor
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1).to(t.dtype)
 
 
-class MLP(nn.Module):
+class MLP(BaseModel):
     """``u(x, s, t)`` for dense data.
 
     Args:
@@ -58,7 +58,7 @@ class MLP(nn.Module):
         num_classes: int = 0,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
         if depth < 1 or hidden < 1 or data_dim < 1:
@@ -66,7 +66,6 @@ class MLP(nn.Module):
         self.data_dim = data_dim
         self.time_embed_dim = time_embed_dim
         self.max_freq = max_freq
-        self.num_classes = num_classes
         in_dim = data_dim + 2 + 2 * time_embed_dim
         self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
         layers: list[nn.Module] = []
@@ -80,14 +79,11 @@ class MLP(nn.Module):
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         x, s, t = split_unified_input(z)  # (B, D), (B,), (B,)
+        y = self.labels(y, z)  # None or (B,), the null class where no label
         feats = [z]
         if self.time_embed_dim > 0:
             feats += [fourier_time_features(s, self.time_embed_dim, self.max_freq), fourier_time_features(t - s, self.time_embed_dim, self.max_freq)]
         h = self.body(torch.cat(feats, dim=1))  # (B, hidden)
         if self.class_embed is not None:
-            if y is None:
-                y = torch.full((z.shape[0],), self.num_classes, dtype=torch.long, device=z.device)
             h = h + self.class_embed(y)
-        elif y is not None:
-            raise ValueError("this model is unconditional (num_classes=0) but got class labels")
         return self.out(self.rest(h))  # (B, D)

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import split_unified_input
 from models.attention import attention
-from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_labels, check_levels
+from models.base_model import BaseModel, split_unified_input
+from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_levels
 
 SKIP_SCALE = 1 / math.sqrt(2)  # DDPM++ rescales every residual sum so its variance stays ~1
 
@@ -90,7 +90,7 @@ class AttentionBlock(nn.Module):
         return (x + self.proj(h)) * SKIP_SCALE
 
 
-class UNet(nn.Module):
+class UNet(BaseModel):
     """``u(x_s, s, t)`` for images (B, C, H, W).
 
     Args:
@@ -118,7 +118,7 @@ class UNet(nn.Module):
         num_classes: int = 0,
         num_heads: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         channel_mult = tuple(channel_mult)
         attention_resolutions = tuple(attention_resolutions)
         check_levels("UNet", image_size, channel_mult)
@@ -130,7 +130,6 @@ class UNet(nn.Module):
             raise ValueError(f"num_heads={num_heads} must divide every level width {widths}")
         self.in_channels = in_channels
         self.image_size = image_size
-        self.num_classes = num_classes
         emb_dim = 4 * model_channels  # ADM/DDPM++ embedding width
 
         self.time_embed = IntervalTimeEmbedder(emb_dim, frequency_dim=model_channels)
@@ -201,11 +200,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        check_labels(self.num_classes, y)
         x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
+        y = self.labels(y, z)  # None or (B,), the null class where no label
         emb = self.time_embed(s, t)  # (B, E)
         if self.class_embed is not None:
-            emb = emb + self.class_embed(y, x.shape[0], x.device)
+            emb = emb + self.class_embed(y)
         emb = F.silu(emb)  # the blocks' embedding projections see SiLU(emb), as in ADM
 
         h = self.conv_in(x)  # (B, model_channels, H, W)

@@ -1,0 +1,85 @@
+"""The contract every velocity model keeps: ``u = model(z, y=None)``.
+
+``z`` is the unified input (DESIGN.md, "unified input"): the state and both times of
+``u(x_s, s, t)`` in one tensor,
+
+- dense data: ``(B, D + 2)`` laid out ``[x, s, t]``;
+- images: ``(B, C + 2, H, W)``, the last two channels constant planes ``s`` and ``t``.
+
+``u`` has the state's shape, ``(B, D)`` or ``(B, C, H, W)``. ``y`` holds class ids
+``(B,)`` (int64) for a class-conditional model (``num_classes > 0``), which also has a
+learned null class at index ``num_classes`` (classifier-free guidance): ``y=None``
+means "no label", every sample the null class. An unconditional model
+(``num_classes = 0``) takes no labels.
+
+The base class owns the split of the unified input and the label rules, so that a
+model's ``forward`` starts with
+
+    x, s, t = split_unified_input(z)
+    y = self.labels(y, z)          # None, or (B,) with the null class filled in
+"""
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+
+def split_unified_input(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of ``dataloaders.base_dataloaders.make_unified_flow_matching_input``.
+
+    Args:
+        z: (B, D + 2) or (B, C + 2, H, W).
+
+    Returns:
+        ``(x, s, t)``: the state (B, D) or (B, C, H, W) and the two times, each (B,).
+    """
+    if z.dim() == 2:
+        return z[:, :-2], z[:, -2], z[:, -1]
+    return z[:, :-2], z[:, -2, 0, 0], z[:, -1, 0, 0]
+
+
+class BaseModel(nn.Module, ABC):
+    """A mean-velocity field ``u(x_s, s, t | y)`` on the unified input (module docstring).
+
+    Args:
+        num_classes: 0 for an unconditional model; otherwise the real classes are
+            ``0 .. num_classes - 1`` and index ``num_classes`` is the null class.
+    """
+
+    def __init__(self, num_classes: int = 0) -> None:
+        super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes={num_classes}: expected 0 (unconditional) or the number of classes")
+        self.num_classes = num_classes
+
+    @abstractmethod
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """``u(x_s, s, t | y)``.
+
+        Args:
+            z: unified input, (B, D + 2) or (B, C + 2, H, W).
+            y: class ids (B,) int64, or None (the null class; required for an
+                unconditional model).
+
+        Returns:
+            (B, D) or (B, C, H, W): the state's shape.
+        """
+
+    def null_labels(self, n: int, device: torch.device | str) -> Tensor:
+        """``n`` null-class labels (index ``num_classes``), (n,) int64."""
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
+
+    def labels(self, y: Tensor | None, z: Tensor) -> Tensor | None:
+        """The labels the model embeds for the batch ``z``: None for an unconditional
+        model, the null class where ``y`` is None. Checks shapes only (no value check:
+        it would synchronise the device on every forward)."""
+        if self.num_classes == 0:
+            if y is not None:
+                raise ValueError("this model is unconditional (num_classes=0) but got class labels; pass y=None")
+            return None
+        if y is None:
+            return self.null_labels(z.shape[0], z.device)
+        if y.shape != (z.shape[0],):
+            raise ValueError(f"labels of shape {tuple(y.shape)} for a batch of {z.shape[0]}: expected ({z.shape[0]},)")
+        return y

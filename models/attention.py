@@ -1,4 +1,5 @@
-"""Multi-head attention kernel shared by the UNet and the DiT, and its JVP-safe mode.
+"""Multi-head attention kernel shared by the UNet and the DiT, its forward-mode rule,
+and the JVP-safe mode.
 
 Normally attention runs through ``torch.nn.functional.scaled_dot_product_attention``
 (SDPA), which picks a fused kernel (flash / memory-efficient / cuDNN) when it can.
@@ -9,26 +10,112 @@ float64 alike; ``tests/test_models.py`` checks it). The MeanFlow loss therefore 
 its ``torch.func.jvp`` call in ``jvp_safe_attention()``, which restricts SDPA to the
 MATH backend: a composite of matmul and softmax, whose forward-mode rules exist,
 and whose output equals the fused kernels' up to rounding.
+
+``attention`` itself (eager) goes through ``AttentionFn``: the primal through SDPA
+(whichever kernel it picks), the backward and the tangent in closed form from the
+recomputed probabilities, so it needs no forward-mode rule from SDPA at all. Under
+``torch.compile`` it is plain SDPA (dynamo does not trace a custom ``jvp``; see
+``models/layers.py``), and there ``jvp_safe_attention`` is what makes the JVP work.
+
+``backend="flash"`` (CUDA only) uses the Triton kernel of the ``jvp-flash-attention``
+package, which has its own forward-mode rule, for the primal and the tangent.
 """
 
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from models.layers import _eager, _tangent_grad
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+ATTENTION_JVP = ("closed_form", "flash")
+
+
+def _probabilities(q: Tensor, k: Tensor) -> tuple[Tensor, float]:
+    scale = q.shape[-1] ** -0.5
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1), scale  # (B, h, T, T)
+
+
+class AttentionFn(torch.autograd.Function):
+    """``O = softmax(S) v``, ``S = q kᵀ / sqrt(d)``.
+
+    Tangent (differentiate the softmax row by row): with ``P = softmax(S)``,
+    ``t_S = (t_q kᵀ + q t_kᵀ) / sqrt(d)``,
+    ``t_O = P t_v + (P ∘ t_S) v - rowsum(P ∘ t_S) ∘ O``.
+    Backward: ``dv = Pᵀ dO``, ``dS = P ∘ (dO vᵀ - rowsum(dO ∘ O))``,
+    ``dq = dS k / sqrt(d)``, ``dk = dSᵀ q / sqrt(d)``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs, output)
+        ctx.save_for_forward(*inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, ...]:
+        if grad is None:
+            return None, None, None
+        q, k, v, out = ctx.saved_tensors
+        p, scale = _probabilities(q, k)
+        gv = p.transpose(-1, -2) @ grad
+        gs = p * (grad @ v.transpose(-1, -2) - (grad * out).sum(-1, keepdim=True))
+        return (gs @ k) * scale, (gs.transpose(-1, -2) @ q) * scale, gv
+
+    @staticmethod
+    def jvp(ctx, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None) -> Tensor | None:
+        q, k, v, out = ctx.saved_tensors
+        with _tangent_grad():
+            p, scale = _probabilities(q, k)
+            result = None if tv is None else p @ tv
+            ts = None
+            if tq is not None:
+                ts = tq @ k.transpose(-1, -2)
+            if tk is not None:
+                ts = q @ tk.transpose(-1, -2) if ts is None else ts + q @ tk.transpose(-1, -2)
+            if ts is not None:
+                pts = p * ts * scale
+                dout = pts @ v - pts.sum(-1, keepdim=True) * out
+                result = dout if result is None else result + dout
+            return result
+
+
+def check_attention_jvp(backend: str) -> None:
+    """One-line error at construction for an attention backend that cannot run here."""
+    if backend not in ATTENTION_JVP:
+        raise ValueError(f"attention_jvp={backend!r}: expected one of {list(ATTENTION_JVP)}")
+    if backend == "flash" and importlib.util.find_spec("jvp_flash_attention") is None:
+        raise ValueError("attention_jvp=flash needs the jvp-flash-attention package (CUDA only): "
+                         "pip install jvp-flash-attention, or use attention_jvp=closed_form")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "closed_form") -> Tensor:
     """softmax(q kᵀ / sqrt(d)) v over the token axis.
 
     Args:
         q, k, v: (B, heads, T, head_dim).
+        backend: ``closed_form`` (``AttentionFn``) or ``flash`` (CUDA, jvp-flash-attention).
 
     Returns:
         (B, heads, T, head_dim).
     """
-    return F.scaled_dot_product_attention(q, k, v)
+    if backend == "flash":
+        if q.device.type != "cuda":
+            raise ValueError(f"attention_jvp=flash runs on CUDA only, got a {q.device.type} tensor: use attention_jvp=closed_form")
+        from jvp_flash_attention.jvp_attention import attention as flash_jvp_attention  # CUDA-only package
+
+        return flash_jvp_attention(q, k, v)
+    return AttentionFn.apply(q, k, v) if _eager() else F.scaled_dot_product_attention(q, k, v)
 
 
 @contextmanager

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from models.layers import Linear, SiLU
+
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Transformer sinusoidal embedding (Vaswani et al. 2017, Sec. 3.5) of times (B,) -> (B, dim).
@@ -38,7 +40,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int, frequency_dim: int = 256) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+        self.mlp = nn.Sequential(Linear(frequency_dim, out_dim), SiLU(), Linear(out_dim, out_dim))
 
     def forward(self, t: Tensor) -> Tensor:
         return self.mlp(sinusoidal_embedding(t, self.frequency_dim))  # (B, out_dim)

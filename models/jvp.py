@@ -7,6 +7,9 @@ directional derivative along a tangent on the unified input.
 
 - ``fused``: one ``torch.func.jvp``; the primal output keeps its autograd graph and
   is back-propagated, the tangent is returned detached (the losses stop its gradient).
+  It is computed inside ``tangents_without_graph()``, so the model's layers
+  (``models/layers.py``) keep the tangent arithmetic out of the autograd graph and the
+  step holds about the memory of the primal's graph alone.
 - ``separate``: a no-grad ``torch.func.jvp`` for the tangent, then a plain forward for
   the primal; the RNG is rewound between the two so dropout draws one mask for both.
 
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 
 from models.attention import jvp_safe_attention
+from models.layers import tangents_without_graph
 
 JVP_MODES = ("fused", "separate")
 
@@ -52,7 +56,8 @@ def primal_and_tangent(fn: Callable[[Tensor], Tensor], z: Tensor, tangent: Tenso
     """
     with jvp_safe_attention():
         if mode == "fused":
-            u, du = torch.func.jvp(fn, (z,), (tangent,))
+            with tangents_without_graph():
+                u, du = torch.func.jvp(fn, (z,), (tangent,))
             return u, du.detach()
         with rewound_rng(z.device), torch.no_grad():
             _, du = torch.func.jvp(fn, (z,), (tangent,))

@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.func import jvp
 
@@ -164,7 +165,7 @@ def test_fused_sdpa_has_no_forward_mode_rule_on_cpu():
     # jvp_safe_attention is no longer needed on the CPU (keep it for CUDA kernels).
     q, k, v = qkv(torch.float32)
     with pytest.raises(NotImplementedError, match="forward AD"):
-        jvp(attention, (q, k, v), (torch.ones_like(q), torch.ones_like(k), torch.ones_like(v)))
+        jvp(F.scaled_dot_product_attention, (q, k, v), (torch.ones_like(q), torch.ones_like(k), torch.ones_like(v)))
 
 
 def test_jvp_safe_attention_matches_softmax_formula_and_central_differences():

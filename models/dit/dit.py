@@ -19,9 +19,10 @@ the output has no learned-sigma channels (a few thousand fewer). Unconditional:
 import torch
 from torch import Tensor, nn
 
-from models.attention import attention
+from models.attention import attention, check_attention_jvp
 from models.base_model import BaseModel, split_unified_input
 from models.embeddings import ClassEmbedder, IntervalTimeEmbedder
+from models.layers import Conv2d, GELU, LayerNorm, Linear, SiLU
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
@@ -50,32 +51,33 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention: (B, T, D) -> (B, T, D)."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, attention_jvp: str = "closed_form") -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.attention_jvp = attention_jvp
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, D/heads)
-        h = attention(q, k, v).transpose(1, 2).reshape(b, n, d)  # (B, T, D)
+        h = attention(q, k, v, self.attention_jvp).transpose(1, 2).reshape(b, n, d)  # (B, T, D)
         return self.proj(h)
 
 
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (Peebles & Xie 2023, Fig. 3)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attention_jvp: str = "closed_form") -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, num_heads, attention_jvp)
+        self.norm2 = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(Linear(dim, hidden), GELU(approximate="tanh"), Linear(hidden, dim))
         # shift, scale, gate for the attention and for the MLP branch
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(SiLU(), Linear(dim, 6 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)  # each (B, D)
@@ -89,9 +91,9 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.norm = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # each (B, D)
@@ -112,6 +114,9 @@ class DiT(BaseModel):
         num_classes: 0 for unconditional; else a class embedding with a learned null
             class at index ``num_classes``.
         frequency_dim: size of the sinusoidal time embeddings before their MLPs.
+        attention_jvp: ``closed_form`` (SDPA primal, closed-form tangent, any device) or
+            ``flash`` (the jvp-flash-attention Triton kernel; CUDA only, checked here
+            and at the first forward with one-line errors).
     """
 
     def __init__(
@@ -125,8 +130,10 @@ class DiT(BaseModel):
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
         frequency_dim: int = 256,
+        attention_jvp: str = "closed_form",
     ) -> None:
         super().__init__(num_classes)
+        check_attention_jvp(attention_jvp)
         if image_size % patch_size != 0:
             fits = [p for p in (1, 2, 4, 8, 16) if image_size % p == 0]
             raise ValueError(f"DiT image_size={image_size} is not divisible by patch_size={patch_size}: use a patch size in {fits}")
@@ -139,12 +146,12 @@ class DiT(BaseModel):
         self.patch_size = patch_size
         self.grid = image_size // patch_size
 
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.x_embedder = Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         # fixed, not learned; recomputed at construction, so not stored in checkpoints
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
         self.time_embed = IntervalTimeEmbedder(hidden_size, frequency_dim)
         self.class_embed = ClassEmbedder(num_classes, hidden_size) if num_classes > 0 else None
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, attention_jvp) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from models.base_model import BaseModel, split_unified_input
 from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_levels
+from models.layers import Conv2d, GroupNorm, Linear, silu
 
 
 class ResBlock(nn.Module):
@@ -19,18 +20,18 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, num_groups: int, dropout: float) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(num_groups, out_ch)
+        self.norm1 = GroupNorm(num_groups, in_ch)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = Linear(emb_dim, out_ch)
+        self.norm2 = GroupNorm(num_groups, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(torch.nn.functional.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        h = self.conv1(silu(self.norm1(x)))  # (B, out_ch, H, W)
         h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(torch.nn.functional.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(silu(self.norm2(h))))
         return self.skip(x) + h
 
 
@@ -73,7 +74,7 @@ class SmallCNN(BaseModel):
 
         self.time_embed = IntervalTimeEmbedder(emb_dim, frequency_dim=64)
         self.class_embed = ClassEmbedder(num_classes, emb_dim) if num_classes > 0 else None
-        self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.conv_in = Conv2d(in_channels, widths[0], 3, padding=1)
 
         block = lambda i, o: ResBlock(i, o, emb_dim, num_groups, dropout)  # noqa: E731
         self.down = nn.ModuleList()
@@ -83,7 +84,7 @@ class SmallCNN(BaseModel):
             self.down.append(nn.ModuleList([block(ch if j == 0 else width, width) for j in range(blocks_per_level)]))
             ch = width
             if level < len(widths) - 1:
-                self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                self.downsample.append(Conv2d(ch, ch, 3, stride=2, padding=1))
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for level in reversed(range(len(widths))):
@@ -92,10 +93,10 @@ class SmallCNN(BaseModel):
             self.up.append(nn.ModuleList([block((ch + width) if j == 0 else width, width) for j in range(blocks_per_level)]))
             ch = width
             if level > 0:
-                self.upsample.append(nn.Conv2d(ch, widths[level - 1], 3, padding=1))
+                self.upsample.append(Conv2d(ch, widths[level - 1], 3, padding=1))
                 ch = widths[level - 1]
-        self.norm_out = nn.GroupNorm(num_groups, ch)
-        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        self.norm_out = GroupNorm(num_groups, ch)
+        self.conv_out = Conv2d(ch, in_channels, 3, padding=1)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -133,4 +134,4 @@ class SmallCNN(BaseModel):
             if i < len(self.upsample):
                 h = nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
                 h = self.upsample[i](h)
-        return self.conv_out(nn.functional.silu(self.norm_out(h)))  # (B, C, H, W)
+        return self.conv_out(silu(self.norm_out(h)))  # (B, C, H, W)

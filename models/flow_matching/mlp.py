@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from models.base_model import BaseModel, split_unified_input
+from models.layers import GELU, Linear, SiLU
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
+ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": SiLU, "gelu": GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def fourier_time_features(t: Tensor, dim: int, max_freq: float = 16.0) -> Tensor:
@@ -70,12 +71,12 @@ class MLP(BaseModel):
         self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Linear(in_dim if i == 0 else hidden, hidden), ACTIVATIONS[activation]()]
+            layers += [Linear(in_dim if i == 0 else hidden, hidden), ACTIVATIONS[activation]()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
         self.body = nn.Sequential(*layers[:2])  # first layer; the class embedding is added after it
         self.rest = nn.Sequential(*layers[2:])
-        self.out = nn.Linear(hidden, data_dim)
+        self.out = Linear(hidden, data_dim)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         x, s, t = split_unified_input(z)  # (B, D), (B,), (B,)

@@ -31,13 +31,14 @@ from torch import Tensor, nn
 from models.attention import attention
 from models.base_model import BaseModel, split_unified_input
 from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_levels
+from models.layers import Conv2d, GroupNorm, Linear, silu
 
 SKIP_SCALE = 1 / math.sqrt(2)  # DDPM++ rescales every residual sum so its variance stays ~1
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int) -> GroupNorm:
     # 32 groups as in ADM/DDPM++, fewer for narrow (test-sized) layers
-    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+    return GroupNorm(min(32, channels // 4), channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -50,12 +51,12 @@ class ResBlock(nn.Module):
         super().__init__()
         self.resample = resample
         self.norm1 = group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = Linear(emb_dim, out_ch)
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def _resample(self, x: Tensor) -> Tensor:
         if self.resample == "down":
@@ -65,10 +66,10 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = F.silu(self.norm1(x))
+        h = silu(self.norm1(x))
         h = self.conv1(self._resample(h))  # (B, out_ch, H', W')
         h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(silu(self.norm2(h))))
         return (self.skip(self._resample(x)) + h) * SKIP_SCALE
 
 
@@ -79,8 +80,8 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.qkv = Conv2d(channels, 3 * channels, 1)
+        self.proj = Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, hgt, wid = x.shape
@@ -136,7 +137,7 @@ class UNet(BaseModel):
         self.class_embed = ClassEmbedder(num_classes, emb_dim) if num_classes > 0 else None
 
         # Encoder: every module's output is kept as a skip for the decoder.
-        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, model_channels, 3, padding=1)
         self.enc = nn.ModuleList()
         skip_channels = [model_channels]
         ch = model_channels
@@ -168,7 +169,7 @@ class UNet(BaseModel):
                 self.dec_takes_skip.append(False)
 
         self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, in_channels, 3, padding=1)
         self.initialize_weights()
 
     @staticmethod
@@ -205,7 +206,7 @@ class UNet(BaseModel):
         emb = self.time_embed(s, t)  # (B, E)
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)
-        emb = F.silu(emb)  # the blocks' embedding projections see SiLU(emb), as in ADM
+        emb = silu(emb)  # the blocks' embedding projections see SiLU(emb), as in ADM
 
         h = self.conv_in(x)  # (B, model_channels, H, W)
         skips = [h]
@@ -217,7 +218,7 @@ class UNet(BaseModel):
             if takes_skip:
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, ch + skip_ch, H_level, W_level)
             h = self._run(stage, h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        return self.conv_out(silu(self.norm_out(h)))  # (B, C, H, W)
 
     @staticmethod
     def _run(stage: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:

@@ -305,6 +305,11 @@ def load_model_from_checkpoint(
     path = Path(path).expanduser()
     if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
         return load_model_from_export(path, device)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory without {EXPORT_WEIGHTS}: expected a .pt file such as "
+            f"outputs/ckpts/mlp/RUN/last.pt, or an export folder written by scripts/export.py"
+        )
     state = read_checkpoint(path)
     source = f"checkpoint {str(path)!r}"
     config = stored_config(state["config"], source)

@@ -1,0 +1,139 @@
+"""scripts/export.py: a run's weights as model.safetensors + config.yaml, loaded back like a checkpoint."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from evaluation.sample import load_checkpoint_model
+from models.checkpoint import (
+    CheckpointError,
+    load_model_from_checkpoint,
+    load_model_from_export,
+    read_checkpoint,
+    save_checkpoint,
+)
+from models.runs import RunLayout
+from scripts.export import main as export_main
+from tests.conftest import REPO, launch
+from tests.test_checkpoint_safety import hostile_models, tiny_state
+
+
+@pytest.fixture
+def run(tmp_path) -> RunLayout:
+    """A tiny run's last.pt at its place in the layout (run name ``test``)."""
+    layout = RunLayout(tmp_path / "outputs", "mlp", "test")
+    state = tiny_state()
+    state["config"]["output_dir"] = str(layout.output_dir)
+    save_checkpoint(state, layout.last)
+    return layout
+
+
+def export(capsys, *argv: str) -> tuple[int, str, str]:
+    code = export_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def outputs(model: torch.nn.Module) -> torch.Tensor:
+    z = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+    return model(z)
+
+
+def test_export_reloads_the_ema_model(run, capsys):
+    code, out, _ = export(capsys, "test", "--output-dir", run.output_dir)
+    folder = run.output_dir / "export" / "test"
+    assert code == 0 and str(folder) in out
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "model.safetensors"]
+    exported, cfg, info = load_model_from_checkpoint(folder)
+    original, saved_cfg, state = load_model_from_checkpoint(run.last)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name  # a byte-for-byte copy of the EMA weights
+    torch.testing.assert_close(outputs(exported), outputs(original))
+    assert info["epoch"] == state["epoch"] == 3 and info["step"] == state["step"] == 24 and info["weights"] == "ema"
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(saved_cfg)
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        assert f.metadata()["run_name"] == "test" and f.metadata()["source"] == str(run.last)
+    # The samplers' loader takes the folder too.
+    sampler_model, _ = load_checkpoint_model(str(folder))
+    torch.testing.assert_close(outputs(sampler_model), outputs(original))
+
+
+def test_raw_weights_and_a_checkpoint_path(run, tmp_path, capsys):
+    folder = tmp_path / "shared"
+    code, _, _ = export(capsys, run.last, "--out", folder, "--weights", "raw")
+    assert code == 0
+    model, _, info = load_model_from_export(folder)
+    raw = read_checkpoint(run.last)["model"]
+    assert info["weights"] == "raw" and all(torch.equal(model.state_dict()[k], v) for k, v in raw.items())
+
+
+def test_an_export_is_never_replaced_without_force(run, capsys):
+    assert export(capsys, "test", "--output-dir", run.output_dir)[0] == 0
+    weights = run.output_dir / "export" / "test" / "model.safetensors"
+    before = weights.read_bytes()
+    code, _, err = export(capsys, "test", "--output-dir", run.output_dir, "--weights", "raw")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--force" in err, err
+    assert weights.read_bytes() == before
+    assert export(capsys, "test", "--output-dir", run.output_dir, "--weights", "raw", "--force")[0] == 0
+    assert weights.read_bytes() != before
+    assert load_model_from_export(weights.parent)[2]["weights"] == "raw"
+
+
+def test_unknown_runs_and_bad_paths_are_one_line(run, tmp_path, capsys):
+    code, _, err = export(capsys, "nope", "--output-dir", run.output_dir)
+    assert code == 2 and "no run 'nope'" in err and "runs there: test" in err and len(err.strip().splitlines()) == 1
+    code, _, err = export(capsys, tmp_path / "absent.pt")
+    assert code == 2 and "does not exist" in err
+    assert not (tmp_path / "outputs" / "export").exists()
+
+
+def test_a_tampered_export_is_refused(run, tmp_path, capsys):
+    folder = tmp_path / "export"
+    assert export(capsys, run.last, "--out", folder)[0] == 0
+    config_text = (folder / "config.yaml").read_text()
+
+    # A config that names code to run: refused before anything is imported or called.
+    hostile = OmegaConf.load(folder / "config.yaml")
+    hostile.model = hostile_models(tmp_path)["torch_load"]
+    OmegaConf.save(hostile, folder / "config.yaml")
+    with pytest.raises(CheckpointError, match="_target_='torch.load' is refused") as info:
+        load_model_from_checkpoint(folder)
+    assert "\n" not in str(info.value) and not (tmp_path / "MARKER").exists()
+
+    # A config for another architecture: the strict load names the first misfit.
+    (folder / "config.yaml").write_text(config_text.replace("hidden: 32", "hidden: 16"))
+    with pytest.raises(CheckpointError, match=r"has shape \(32, .*expects \(16, "):
+        load_model_from_checkpoint(folder)
+
+    # Changed weight bytes: the checksum in the metadata no longer matches.
+    (folder / "config.yaml").write_text(config_text)
+    assert load_model_from_checkpoint(folder)[2]["step"] == 24
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw[-3] ^= 0x01  # the last tensor's bytes
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_model_from_checkpoint(folder)
+
+    # Not safetensors at all, and a folder with only one of the two files.
+    (folder / "model.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model_from_checkpoint(folder)
+    (folder / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match="has no config.yaml"):
+        load_model_from_checkpoint(folder)
+
+
+@pytest.mark.slow
+def test_export_script_and_eval_checkpoint_on_the_folder(run, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), "test", "--output-dir", str(run.output_dir)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    folder = run.output_dir / "export" / "test"
+    evaluated = launch([f"eval_checkpoint={folder}", f"output_dir={tmp_path / 'eval_out'}", "device=cpu"], cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "energy_distance" in evaluated.stdout

@@ -27,6 +27,13 @@ def null_labels(batch: int, num_classes: int, device: torch.device | str) -> Ten
     return torch.full((batch,), num_classes, dtype=torch.long, device=device)
 
 
+def conditional_and_null(model: nn.Module, z: Tensor, label: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """``(u(z | label), u(z | ∅))`` from one batched forward of twice the batch."""
+    both = model(torch.cat([z, z]), torch.cat([label, null_labels(label.shape[0], num_classes, label.device)]))
+    cond, uncond = both.chunk(2)
+    return cond, uncond
+
+
 def guided_velocity(model: nn.Module, z: Tensor, label: Tensor | None, scale: float, num_classes: int = 0) -> Tensor:
     """Classifier-free guided velocity (Ho & Salimans 2022, Eq. 6, in velocity form):
     ``v = v(∅) + w (v(c) - v(∅))``. ``w = 1`` (or no label) is the plain model and
@@ -35,6 +42,5 @@ def guided_velocity(model: nn.Module, z: Tensor, label: Tensor | None, scale: fl
         return model(z, label)
     if num_classes <= 0:
         raise ValueError(f"guidance scale {scale} needs a class-conditional model, but num_classes={num_classes}")
-    both = model(torch.cat([z, z]), torch.cat([label, null_labels(label.shape[0], num_classes, label.device)]))
-    cond, uncond = both.chunk(2)
+    cond, uncond = conditional_and_null(model, z, label, num_classes)
     return uncond + scale * (cond - uncond)

@@ -2,9 +2,11 @@
 
 Composes ``configs/train.yaml`` with Hydra's compose API (no Hydra run folder, no
 change of working directory), checks ``run_name``, and hands the config to
-``train.run`` (local) or to the Modal app. Errors in what the user typed are one
-line on stderr and exit status 2; a run that fails while training exits 1. Set
-``DZ_TRACEBACK=1`` to see the full traceback instead.
+``train.run`` (local) or to the Modal app. ``--from-config FILE`` trains a resolved
+config saved to a file (what the Modal container runs). Every error the user should
+see is one line on stderr and an exit status, mapped in ``run_config`` alone: 2 for
+what the user typed, 1 for a run that failed while training, 128 + N for a run stopped
+by signal N after writing its checkpoint. ``DZ_TRACEBACK=1`` shows the traceback.
 """
 
 import os
@@ -53,6 +55,50 @@ def one_line(err: BaseException) -> str:
     return " ".join(lines)
 
 
+def validate_config(cfg) -> None:
+    """Check the values a user types on the command line, once, before anything runs."""
+    from models.runs import RunError
+    from train import PRECISIONS
+
+    checks = [
+        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs={cfg.epochs}: expected an integer >= 1"),
+        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: expected an integer >= 1"),
+        (cfg.precision in PRECISIONS, f"precision={cfg.precision}: expected one of {list(PRECISIONS)}"),
+        (cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: expected >= 0"),
+        (cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: expected >= 0 (0: no limit)"),
+        (cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps}: expected >= 0"),
+        (cfg.lr_schedule in ("constant", "cosine"), f"lr_schedule={cfg.lr_schedule}: expected constant or cosine"),
+        (0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio={cfg.min_lr_ratio}: expected a fraction in [0, 1]"),
+        (cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip}: expected >= 0 (0 disables)"),
+        (cfg.eval.every_epochs >= 1, f"eval.every_epochs={cfg.eval.every_epochs}: expected >= 1"),
+        (cfg.eval.num_samples >= 2, f"eval.num_samples={cfg.eval.num_samples}: expected >= 2"),
+        (cfg.eval.repeats >= 1, f"eval.repeats={cfg.eval.repeats}: expected >= 1"),
+        (cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps}: expected >= 1"),
+        (cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: expected an integer >= 1"),
+        (all(k >= 1 for k in cfg.eval.meanflow_steps), f"eval.meanflow_steps={list(cfg.eval.meanflow_steps)}: expected integers >= 1"),
+        (cfg.checkpoint.every_epochs >= 1, f"checkpoint.every_epochs={cfg.checkpoint.every_epochs}: expected >= 1"),
+        (cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: expected >= 0 (0: off)"),
+        (cfg.log_every_steps >= 0, f"log_every_steps={cfg.log_every_steps}: expected >= 0 (0: once per epoch)"),
+        (not (cfg.init_from and cfg.resume), f"init_from={cfg.init_from} with resume=true: a resumed run keeps its own weights; drop one of them"),
+        (cfg.checkpoint.archive_every_epochs >= 0, f"checkpoint.archive_every_epochs={cfg.checkpoint.archive_every_epochs}: expected >= 0"),
+        (cfg.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+         f"compile_mode={cfg.compile_mode}: expected default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs"),
+        (len(cfg.dataloaders.data_shape) in (1, 3), f"dataloaders.data_shape={list(cfg.dataloaders.data_shape)}: expected [D] or [C, H, W]"),
+    ]
+    fid = cfg.eval.fid
+    if fid.enabled:
+        checks += [
+            (len(cfg.dataloaders.data_shape) == 3, f"eval.fid.enabled=true but {cfg.dataloaders.name} is not image data: FID needs images"),
+            (fid.reference is not None, "FID needs a reference: set eval.fid.reference=/path/to/real/images, heldout, or a clean-fid dataset name such as cifar10"),
+            (fid.feature_extractor in ("inception", "pooled"), f"eval.fid.feature_extractor={fid.feature_extractor}: expected inception or pooled"),
+            (fid.num_samples >= 2, f"eval.fid.num_samples={fid.num_samples}: expected >= 2"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise RunError(message)
+
+
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -61,12 +107,54 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
+def exit_status(err: BaseException) -> int | None:
+    """The exit status of an error the user should see as one line (None: a bug, re-raised).
+
+    ``RunError`` carries its own (2: fix the input; 1: training failed; 128 + N: stopped
+    by signal N); a constructor's or a loader's ``ValueError`` / ``FileNotFoundError``
+    and an OmegaConf error (a bad interpolation, a missing key) are input errors.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    from models.runs import RunError
+
+    if isinstance(err, RunError):
+        return err.exit_code
+    if isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, OmegaConfBaseException)):
+        return 2
+    return None
+
+
+def run_config(cfg) -> int:
+    """Validate and train (or evaluate) a composed config; every user-facing error is
+    one line on stderr and its exit status, here and nowhere else."""
+    import train
+
+    try:
+        validate_config(cfg)
+        train.run(cfg)
+    except KeyboardInterrupt:
+        return fail("interrupted; the last checkpoint written is kept", code=130)
+    except Exception as err:
+        code = exit_status(err)
+        if code is None or os.environ.get("DZ_TRACEBACK"):
+            raise
+        return fail(one_line(err), code)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         print("config groups: dataloaders/, model/, loss/, solver/, experiment/ under configs/; print the composed config with --cfg")
         return 0
+    if argv[:1] == ["--from-config"]:  # a resolved config saved to a file (what the Modal container trains)
+        if len(argv) != 2:
+            return fail("--from-config needs one path: python launcher.py --from-config RUN_CONFIG.yaml")
+        from omegaconf import OmegaConf
+
+        return run_config(OmegaConf.load(argv[1]))
     backend, overrides = split_backend(argv)
     show_cfg = "--cfg" in overrides
     overrides = [o for o in overrides if o != "--cfg"]
@@ -93,27 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         from scripts.modal_app import launch_remote
 
         return launch_remote(cfg, overrides)
-
-    import train
-    from models.checkpoint import CheckpointError
-
-    try:
-        train.run(cfg)
-    except (CheckpointError, FileNotFoundError, ValueError, OmegaConfBaseException) as err:
-        if os.environ.get("DZ_TRACEBACK"):
-            raise
-        return fail(one_line(err))
-    except train.TrainingFailed as err:
-        if os.environ.get("DZ_TRACEBACK"):
-            raise
-        return fail(one_line(err), code=1)
-    except train.RunError as err:
-        if os.environ.get("DZ_TRACEBACK"):
-            raise
-        return fail(one_line(err))
-    except KeyboardInterrupt:
-        return fail("interrupted; the last checkpoint written is kept", code=130)
-    return 0
+    return run_config(cfg)
 
 
 if __name__ == "__main__":

@@ -4,21 +4,22 @@ Time runs from noise to data (DESIGN.md): ``x_0 ~ N(0, I)`` is the source, ``x_1
 data sample, ``x_t = (1 - t) x_0 + t x_1`` and the velocity is ``v = x_1 - x_0``.
 
 A *target dataset* returns ``(x_1, label)`` pairs like torchvision does. The
-``DictDatasetAdapter`` turns it into flow-matching training items: it draws the
-noise and the time, builds ``x_t`` and the unified input, and returns a batched
-``BaseItem``. It implements ``__getitems__`` so that the DataLoader hands it a whole
-list of indices at once and the noise is drawn in one vectorised call.
+``DictDatasetAdapter`` turns it into training items: it draws the noise and returns a
+batched ``BaseItem``; the loss draws its own times (``losses/time_sampling.py``) and,
+for flow matching, asks the item for its straight-path fields (``BaseItem.at_time``).
+The adapter implements ``__getitems__`` so that the DataLoader hands it a whole list of
+indices at once and the noise is drawn in one vectorised call.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
+from hydra.utils import instantiate
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 # the inverse of make_unified_flow_matching_input lives with the model contract; re-exported here
 from models.base_model import split_unified_input  # noqa: F401
@@ -55,35 +56,45 @@ def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
 
 @dataclass
 class BaseItem:
-    """A batch of flow-matching training data (all tensors share the batch dim B).
+    """A batch of training data (all tensors share the batch dim B).
 
-    unified_input: ``[x_t, t, t]`` packed as DESIGN.md says, (B, D+2) or (B, C+2, H, W).
-    target: the velocity ``x_1 - x_0``, shaped like the state.
-    t: the time of ``x_t``, (B,).
-    input: the state ``x_t`` alone.
+    What the loader gives every loss:
+
     raw_source: the noise ``x_0``.
     raw_target: the data sample ``x_1``.
     label: class ids (B,) int64, or None for unlabelled data.
+
+    The straight-path fields, filled by ``at_time`` for the losses that read the path at
+    one time (flow matching); a loss that draws its own times (MeanFlow draws pairs)
+    never pays for them:
+
+    t: the time of ``x_t``, (B,).
+    input: the state ``x_t = (1 - t) x_0 + t x_1`` alone.
+    unified_input: ``[x_t, t, t]`` packed as DESIGN.md says, (B, D+2) or (B, C+2, H, W).
+    target: the velocity ``x_1 - x_0``, shaped like the state.
     """
 
-    unified_input: Tensor
-    target: Tensor
-    t: Tensor
-    input: Tensor
     raw_source: Tensor
     raw_target: Tensor
     label: Tensor | None = None
+    t: Tensor | None = None
+    input: Tensor | None = None
+    unified_input: Tensor | None = None
+    target: Tensor | None = None
+
+    def at_time(self, t: Tensor) -> BaseItem:
+        """This batch with the straight-path fields at times ``t`` (B,)."""
+        return make_base_item(self.raw_target, self.raw_source, t, self.label)
+
+    def map(self, fn) -> BaseItem:
+        """Apply ``fn`` to every tensor field (None stays None)."""
+        return BaseItem(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> BaseItem:
-        moved = {
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
-        }
-        return BaseItem(**moved)
+        return self.map(lambda v: v.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> BaseItem:
-        pinned = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory() for f in fields(self)}
-        return BaseItem(**pinned)
+        return self.map(lambda v: v.pin_memory())
 
     def __len__(self) -> int:
         return self.raw_target.shape[0]
@@ -91,56 +102,17 @@ class BaseItem:
 
 def make_base_item(x1: Tensor, x0: Tensor, t: Tensor, label: Tensor | None = None) -> BaseItem:
     """Build the straight-path training item from data ``x1``, noise ``x0`` and times ``t`` (B,)."""
-    tb = broadcast_time(t, x1)
+    tb = broadcast_time(t.to(x1.dtype), x1)
     xt = (1 - tb) * x0 + tb * x1
     return BaseItem(
-        unified_input=make_unified_flow_matching_input(xt, t, t),
-        target=x1 - x0,
-        t=t,
-        input=xt,
         raw_source=x0,
         raw_target=x1,
         label=label,
+        t=t,
+        input=xt,
+        unified_input=make_unified_flow_matching_input(xt, t, t),
+        target=x1 - x0,
     )
-
-
-# ---------------------------------------------------------------------------------
-# Time samplers for flow matching (MeanFlow draws its (s, t) pairs in the loss).
-# ---------------------------------------------------------------------------------
-
-
-class TimeSampler(ABC):
-    """Draws flow-matching times in [0, 1]."""
-
-    @abstractmethod
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Return n times, shape (n,), float32."""
-
-
-class UniformTimeSampler(TimeSampler):
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.rand(n, generator=generator)
-
-
-class LogitNormalTimeSampler(TimeSampler):
-    """``t = sigmoid(N(mean, std^2))`` (Esser et al. 2024, "Scaling rectified flow", Sec. 3.1)."""
-
-    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
-        if std <= 0 or not math.isfinite(std):
-            raise ValueError(f"logit-normal std must be a positive number, got {std}")
-        self.mean = mean
-        self.std = std
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.sigmoid(torch.randn(n, generator=generator) * self.std + self.mean)
-
-
-def make_time_sampler(name: str, mean: float = 0.0, std: float = 1.0) -> TimeSampler:
-    if name == "uniform":
-        return UniformTimeSampler()
-    if name == "logit_normal":
-        return LogitNormalTimeSampler(mean, std)
-    raise ValueError(f"unknown time sampler {name!r}: expected 'uniform' or 'logit_normal'")
 
 
 # ---------------------------------------------------------------------------------
@@ -217,18 +189,18 @@ def stack_targets(dataset: Dataset, indices: list[int]) -> tuple[Tensor, Tensor 
 
 
 class DictDatasetAdapter(Dataset):
-    """Turns a target dataset of ``(x_1, label)`` into batched flow-matching ``BaseItem``s.
+    """Turns a target dataset of ``(x_1, label)`` into batched ``BaseItem``s.
 
     Use it with ``DataLoader(adapter, batch_size=B, collate_fn=collate_base_items)``:
     the loader calls ``__getitems__`` with the batch's indices and the adapter draws
-    ``x_0 ~ N(0, I)`` and ``t`` from the time sampler for the whole batch at once.
-    Randomness comes from the global torch RNG of the process doing the loading, so
-    the training loop's saved RNG state reproduces it on resume.
+    ``x_0 ~ N(0, I)`` for the whole batch at once. Times are the loss's business
+    (``losses/time_sampling.py``). Randomness comes from the global torch RNG of the
+    process doing the loading, so the training loop's saved RNG state reproduces it on
+    resume.
     """
 
-    def __init__(self, dataset: Dataset, time_sampler: TimeSampler, use_labels: bool = True) -> None:
+    def __init__(self, dataset: Dataset, use_labels: bool = True) -> None:
         self.dataset = dataset
-        self.time_sampler = time_sampler
         self.use_labels = use_labels
 
     def __len__(self) -> int:
@@ -240,9 +212,7 @@ class DictDatasetAdapter(Dataset):
     def __getitems__(self, indices: list[int]) -> BaseItem:
         x1, label = stack_targets(self.dataset, indices)
         x1 = x1.float()
-        x0 = torch.randn_like(x1)
-        t = self.time_sampler.sample(x1.shape[0])
-        return make_base_item(x1, x0, t, label if self.use_labels else None)
+        return BaseItem(raw_source=torch.randn_like(x1), raw_target=x1, label=label if self.use_labels else None)
 
 
 def collate_base_items(batch: BaseItem | list[BaseItem]) -> BaseItem:
@@ -255,3 +225,58 @@ def collate_base_items(batch: BaseItem | list[BaseItem]) -> BaseItem:
         values = [getattr(item, f.name) for item in batch]
         merged[f.name] = None if values[0] is None else torch.cat(values)
     return BaseItem(**merged)
+
+
+# ---------------------------------------------------------------------------------
+# Building the data of a run
+# ---------------------------------------------------------------------------------
+
+
+def make_dataset(data_cfg, split: str, encoder: nn.Module | None = None) -> Dataset:
+    """The target dataset of ``split`` from the ``dataloaders`` config group.
+
+    ``encoder`` (the run's one VAE, in ImageNet's ``mode=images``) encodes each fetched
+    batch, so the model trains on latents; the caller builds it once for every split
+    and for the evaluator's decoder.
+    """
+    # Built as a partial and then called, so a loader's own one-line error (a missing
+    # file, a wrong shape) reaches the launcher instead of Hydra's InstantiationException.
+    dataset = instantiate(data_cfg.dataset, _partial_=True)(split=split)
+    if data_cfg.get("mode") == "images":
+        dataset = EncodedTargetDataset(dataset, encoder.encode, next(encoder.parameters()).device, data_cfg.num_classes)
+    return dataset
+
+
+class EpochSampler(Sampler[int]):
+    """The indices of one epoch: a permutation fixed by ``(seed, epoch)``, this rank's
+    share of it (every ``world``-th index, the tail that does not fill a global batch
+    dropped), from batch ``start_batch`` on. This is what makes resume exact, at an epoch
+    boundary or in the middle of one: the epoch is re-drawn and continues at the next batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                 start_batch: int = 0) -> None:
+        self.batches = n // (batch_size * world)  # full batches per rank
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=gen)[: self.batches * batch_size * world]
+        self.indices = perm[rank::world][start_batch * batch_size :].tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def make_train_loader(cfg, dataset: Dataset, epoch: int, rank: int = 0, world: int = 1, start_batch: int = 0) -> DataLoader:
+    """The loader of ``epoch`` for this rank, starting at batch ``start_batch``."""
+    sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, rank, world, start_batch)
+    return DataLoader(
+        DictDatasetAdapter(dataset),
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_base_items,
+        num_workers=cfg.num_workers,
+        pin_memory=bool(cfg.dataloaders.get("pin_memory", False)),
+    )

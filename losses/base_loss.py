@@ -1,19 +1,29 @@
-"""The loss interface: ``loss(model, batch) -> scalar Tensor``.
+"""The loss interface: ``loss(model, batch) -> scalar Tensor``, and how its model samples.
 
-A loss owns everything between a batch and the scalar that is back-propagated; the
-training loop knows nothing model- or loss-specific. ``metrics`` holds detached
-extra values from the last call that the loop may log (e.g. the unweighted MSE).
+A loss owns everything between a batch and the scalar that is back-propagated: it
+draws its own times (``losses/time_sampling.py``, configured in ``configs/loss/``), it
+says how a model trained with it is sampled (``samplers``), and it leaves the detached
+numbers worth logging in ``metrics``. The training loop and the evaluator know nothing
+else about it, so a new loss is a new file here and a yaml in ``configs/loss/``.
 """
 
 from abc import ABC, abstractmethod
 
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem
+from models.checkpoint import instantiate_allowed
+from solvers.sampling import DiagonalSampler, Sampler
 
 
 class BaseLoss(nn.Module, ABC):
-    """Subclasses implement ``forward(model, batch) -> Tensor`` (a scalar)."""
+    """Subclasses implement ``forward(model, batch) -> Tensor`` (a scalar).
+
+    Attributes:
+        metrics: detached scalars from the last call, logged as ``train/<key>`` (averaged
+            over the logging interval), e.g. the unweighted MSE of a weighted loss.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -29,6 +39,44 @@ class BaseLoss(nn.Module, ABC):
             The scalar training loss.
         """
 
+    def samplers(self, eval_cfg: DictConfig, solver_cfg: DictConfig, num_classes: int) -> dict[str, Sampler]:
+        """How the evaluator samples a model trained with this loss, by sampler name.
+
+        The default integrates the instantaneous velocity ``u(x, t, t)`` with the
+        configured solver (every model here is a mean-velocity field, so this is always
+        available); the one-step family adds its k-step jumps.
+        """
+        options = {k: v for k, v in solver_cfg.items() if k != "name"}
+        name = f"{solver_cfg.name}{eval_cfg.steps}"
+        return {name: DiagonalSampler(solver_cfg.name, eval_cfg.steps, eval_cfg.guidance_scale, num_classes, options=options)}
+
     def check_model(self, model: nn.Module, batch: BaseItem) -> None:
         """Called once before training with a real batch: raise a one-line ValueError if
         this loss cannot work with ``model``. Must leave the RNG streams untouched."""
+
+
+# Loss configs written before the time laws moved into ``loss.time`` (``sampler``,
+# ``ratio``, ``time_mean``, ...): mapped so that old checkpoints still evaluate and resume.
+LEGACY_PAIR_SAMPLERS = {"paper": "order_then_mask_rows", "improved": "mask_rows_then_order"}
+LEGACY_TIME_KEYS = {"ratio": "ratio", "time_mean": "mean", "time_std": "std", "r_mean": "r_mean", "r_std": "r_std"}
+
+
+def upgrade_loss_config(node: dict) -> dict:
+    """A loss config in today's layout (a copy; today's configs pass through unchanged)."""
+    node = dict(node)
+    if "sampler" in node and "time" not in node:
+        time = {"name": LEGACY_PAIR_SAMPLERS[node.pop("sampler")]}
+        time |= {new: node.pop(old) for old, new in LEGACY_TIME_KEYS.items() if old in node}
+        node["time"] = time
+    return node
+
+
+def build_loss(loss_cfg: DictConfig | dict) -> BaseLoss:
+    """The loss of a config group node (``name`` is the group's label, not an argument).
+
+    Built through the checkpoint allowlist, since the node may come from a checkpoint
+    someone else wrote: only the project's own ``BaseLoss`` classes, plain arguments.
+    """
+    node = OmegaConf.to_container(loss_cfg, resolve=True) if isinstance(loss_cfg, DictConfig) else dict(loss_cfg)
+    node = upgrade_loss_config({k: v for k, v in node.items() if k != "name"})
+    return instantiate_allowed(node, ("losses.",), "loss", base=BaseLoss)

@@ -25,74 +25,40 @@ for ``s`` in a time interval.
 import warnings
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
-from helpers_cfg import null_labels, training_labels
+from helpers_cfg import conditional_and_null, training_labels
 from losses.base_loss import BaseLoss
+from losses.time_sampling import make_pair_sampler
+from models.jvp import JVP_MODES as PASS_MODES
 from models.jvp import primal_and_tangent, rewound_rng
+from solvers.sampling import JumpSampler, Sampler
 
 # torch registers its own forward-AD decompositions with torch.jit.script on the first
 # jvp and warns about its own deprecated call; nothing in this project can act on it.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
-SAMPLERS = ("paper", "improved")
-JVP_MODES = ("auto", "fused", "separate")
+JVP_MODES = ("auto", *PASS_MODES)
 # ``jvp_mode=auto``: measured on the CPU with scripts/benchmark.py, ``fused`` was faster
 # for the 55.8M CIFAR-10 UNet (1.79x vs 2.01x the flow-matching step) and DiT-S/2 (1.80x
 # vs 2.09x), ``separate`` for the MLP (2.73x vs 3.23x) and the 0.5M SmallCNN (2.33x vs
 # 3.72x), and ``separate`` always needed about half the memory (fused keeps the tangent
 # computation in the autograd graph). CUDA has not been measured: set jvp_mode there.
 AUTO_FUSED_MIN_PARAMS = 10_000_000
-
-
-def logit_normal(n: int, mean: float, std: float, device: torch.device) -> Tensor:
-    return torch.sigmoid(torch.randn(n, device=device) * std + mean)
-
-
-def sample_time_pairs(
-    n: int,
-    sampler: str,
-    ratio: float,
-    mean: float,
-    std: float,
-    device: torch.device,
-    r_mean: float | None = None,
-    r_std: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Draw ``(s, t)`` with ``0 <= s <= t <= 1`` in this project's convention.
-
-    ``mean``/``std`` are the paper's logit-normal parameters for its times (noise at
-    1), so the published numbers copy over; a paper time ``τ`` is mapped to ``1 - τ``.
-    ``r_mean``/``r_std`` (default: the same) give the second draw its own law, as the
-    published CIFAR-10 scripts do.
-    ``ratio`` is the fraction of pairs with ``s != t`` (the first ``round(ratio n)`` of
-    the batch, which the loader has shuffled), as in the published code.
-
-    - ``paper``: two draws, ordered, then ``r = t`` for the other pairs, so equal pairs
-      sit at the larger of two draws.
-    - ``improved``: the mask first, then the order, so equal pairs are one plain draw.
-    """
-    a = logit_normal(n, mean, std, device)
-    b = logit_normal(n, mean if r_mean is None else r_mean, std if r_std is None else r_std, device)
-    distinct = torch.arange(n, device=device) < round(ratio * n)
-    if sampler == "paper":
-        t_paper, r_paper = torch.maximum(a, b), torch.minimum(a, b)
-        r_paper = torch.where(distinct, r_paper, t_paper)
-    else:
-        b = torch.where(distinct, b, a)
-        t_paper, r_paper = torch.maximum(a, b), torch.minimum(a, b)
-    return 1 - t_paper, 1 - r_paper  # s = 1 - t_paper <= t = 1 - r_paper
+# ``configs/loss/meanflow.yaml``'s law, for a loss built in code without one.
+DEFAULT_TIME = {"name": "order_then_mask_rows", "ratio": 0.75, "mean": -0.4, "std": 1.0}
 
 
 class MeanFlowLoss(BaseLoss):
     """The MeanFlow training loss on a batch's ``raw_source`` (noise) and ``raw_target`` (data).
 
     Args:
-        sampler: ``paper`` or ``improved`` (s, t) sampler, see ``sample_time_pairs``.
-        ratio: fraction of pairs with ``s != t`` in [0, 1] (paper: 0.75 CIFAR-10, 0.25 ImageNet).
-        time_mean, time_std: logit-normal parameters in the paper's convention.
-        r_mean, r_std: a separate law for the second draw (None: the same as the first).
+        time: the (s, t) law: ``{name: <pair sampler>, ratio, mean, std, ...}``, keys
+            other than ``name`` go to ``losses/time_sampling.py::make_pair_sampler``
+            (``ratio``: fraction of pairs with ``s != t``; logit-normal parameters in
+            the paper's convention, noise at 1).
         p: adaptive-weight power (>= 0; 0 is the plain squared error).
         eps: adaptive-weight offset (> 0 keeps the weight finite).
         num_classes: the model's classes (0: unconditional).
@@ -106,12 +72,7 @@ class MeanFlowLoss(BaseLoss):
 
     def __init__(
         self,
-        sampler: str = "paper",
-        ratio: float = 0.75,
-        time_mean: float = -0.4,
-        time_std: float = 1.0,
-        r_mean: float | None = None,
-        r_std: float | None = None,
+        time: dict | None = None,
         p: float = 1.0,
         eps: float = 1e-3,
         num_classes: int = 0,
@@ -122,18 +83,17 @@ class MeanFlowLoss(BaseLoss):
         jvp_mode: str = "auto",
     ) -> None:
         super().__init__()
-        if sampler not in SAMPLERS:
-            raise ValueError(f"loss.sampler={sampler!r}: expected one of {list(SAMPLERS)}")
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"loss.ratio={ratio}: expected a fraction in [0, 1]")
+        time = dict(DEFAULT_TIME if time is None else time)
+        try:  # name the config key: the sampler does not know where its settings came from
+            self.pair_sampler = make_pair_sampler(time.pop("name"), **time)
+        except ValueError as err:
+            raise ValueError(f"loss.time: {err}") from None
         if p < 0:
             raise ValueError(f"loss.p={p}: expected >= 0")
         if eps < 0:
             raise ValueError(f"loss.eps={eps}: expected >= 0")
         if p > 0 and eps == 0:
             raise ValueError(f"loss.eps=0 with loss.p={p}: the adaptive weight 1/(loss+eps)^p needs eps > 0")
-        if time_std <= 0 or (r_std is not None and r_std <= 0):
-            raise ValueError(f"loss.time_std={time_std}, loss.r_std={r_std}: expected > 0")
         if not 0.0 <= class_drop_prob <= 1.0:
             raise ValueError(f"loss.class_drop_prob={class_drop_prob}: expected a probability in [0, 1]")
         guided = cfg_omega != 1.0 or cfg_kappa != 0.0
@@ -149,8 +109,6 @@ class MeanFlowLoss(BaseLoss):
             raise ValueError(f"loss.cfg_interval={list(cfg_interval)}: expected 0 <= lo <= hi <= 1")
         if jvp_mode not in JVP_MODES:
             raise ValueError(f"loss.jvp_mode={jvp_mode!r}: expected one of {list(JVP_MODES)}")
-        self.sampler, self.ratio, self.time_mean, self.time_std = sampler, ratio, time_mean, time_std
-        self.r_mean, self.r_std = r_mean, r_std
         self.p, self.eps = p, eps
         self.num_classes, self.class_drop_prob = num_classes, class_drop_prob
         self.cfg_omega, self.cfg_kappa, self.cfg_interval = cfg_omega, cfg_kappa, (lo, hi)
@@ -164,9 +122,8 @@ class MeanFlowLoss(BaseLoss):
         if not self.guided or label is None:
             return v
         with torch.no_grad():
-            z = make_unified_flow_matching_input(x, s, s)
-            both = model(torch.cat([z, z]), torch.cat([label, null_labels(x.shape[0], self.num_classes, x.device)]))
-            u_cond, u_null = both.to(v.dtype).chunk(2)
+            u_cond, u_null = conditional_and_null(model, make_unified_flow_matching_input(x, s, s), label, self.num_classes)
+            u_cond, u_null = u_cond.to(v.dtype), u_null.to(v.dtype)
         v_guided = self.cfg_omega * v + self.cfg_kappa * u_cond + (1 - self.cfg_omega - self.cfg_kappa) * u_null
         lo, hi = self.cfg_interval
         apply = (s >= lo) & (s <= hi) & ~dropped
@@ -202,7 +159,7 @@ class MeanFlowLoss(BaseLoss):
     def forward(self, model: nn.Module, batch: BaseItem) -> Tensor:
         x0, x1 = batch.raw_source, batch.raw_target
         n, device = x1.shape[0], x1.device
-        s, t = sample_time_pairs(n, self.sampler, self.ratio, self.time_mean, self.time_std, device, self.r_mean, self.r_std)
+        s, t = self.pair_sampler.sample(n, device)
         sb = broadcast_time(s, x1)
         x_s = (1 - sb) * x0 + sb * x1  # straight path at the start time s
         v = x1 - x0  # conditional velocity
@@ -217,6 +174,15 @@ class MeanFlowLoss(BaseLoss):
         self.metrics = {"mse": per_sample.detach().mean() / x1[0].numel()}
         return loss
 
+    def samplers(self, eval_cfg: DictConfig, solver_cfg: DictConfig, num_classes: int) -> dict[str, Sampler]:
+        """The solver on the diagonal (no FID: not what a one-step model ships) and the
+        k-step jumps of ``eval.meanflow_steps`` (guidance is learned into the model, so
+        they read the conditional model once per step)."""
+        diagonal = super().samplers(eval_cfg, solver_cfg, num_classes)
+        for sampler in diagonal.values():
+            sampler.fid = False
+        return diagonal | {f"meanflow{k}": JumpSampler(int(k)) for k in eval_cfg.meanflow_steps}
+
     def check_model(self, model: nn.Module, batch: BaseItem) -> None:
         """Fail at start-up, not mid-run, if the model cannot go through the JVP."""
         small = BaseItem(**{k: None if v is None else v[:2] for k, v in vars(batch).items()})
@@ -225,4 +191,4 @@ class MeanFlowLoss(BaseLoss):
                 self.forward(model, small)
         except (NotImplementedError, RuntimeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"loss=meanflow needs forward-mode AD through the model, which failed: {first}") from None
+            raise ValueError(f"loss={type(self).__name__} needs forward-mode AD through the model, which failed: {first}") from None

@@ -2,7 +2,8 @@
 
 With the straight path ``x_t = (1 - t) x_0 + t x_1`` the conditional velocity is
 ``v = x_1 - x_0``, and the model is read on the diagonal ``s = t`` (DESIGN.md):
-``L = E || u_θ(x_t, t, t) - (x_1 - x_0) ||²``.
+``L = E_t E || u_θ(x_t, t, t) - (x_1 - x_0) ||²``, with ``t`` from the configured law
+(``loss.time``, default logit-normal(0, 1): Esser et al. 2024, Sec. 3.1).
 """
 
 from torch import Tensor, nn
@@ -10,25 +11,35 @@ from torch import Tensor, nn
 from dataloaders.base_dataloaders import BaseItem
 from helpers_cfg import training_labels
 from losses.base_loss import BaseLoss
+from losses.time_sampling import make_time_sampler
 
 
 class FlowMatchingMSELoss(BaseLoss):
     """Mean over batch and dimensions of the squared velocity error.
 
     Args:
+        time: the law of ``t``: ``{name: uniform | logit_normal, ...}`` (its keys other
+            than ``name`` go to the sampler, see ``losses/time_sampling.py``).
         num_classes: the model's number of classes (0: unconditional, labels ignored).
         class_drop_prob: probability of replacing a label by the null class, so the
             model also learns the unconditional velocity for guidance at sampling.
     """
 
-    def __init__(self, num_classes: int = 0, class_drop_prob: float = 0.0) -> None:
+    def __init__(self, time: dict | None = None, num_classes: int = 0, class_drop_prob: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= class_drop_prob <= 1.0:
-            raise ValueError(f"class_drop_prob must lie in [0, 1], got {class_drop_prob}")
+            raise ValueError(f"loss.class_drop_prob={class_drop_prob}: expected a probability in [0, 1]")
+        time = dict(time or {"name": "logit_normal", "mean": 0.0, "std": 1.0})
+        try:  # name the config key: the sampler does not know where its settings came from
+            self.time_sampler = make_time_sampler(time.pop("name"), **time)
+        except ValueError as err:
+            raise ValueError(f"loss.time: {err}") from None
         self.num_classes = num_classes
         self.class_drop_prob = class_drop_prob
 
     def forward(self, model: nn.Module, batch: BaseItem) -> Tensor:
+        if batch.t is None:  # the loader gives data and noise; the times are this loss's
+            batch = batch.at_time(self.time_sampler.sample(len(batch), batch.raw_target.device))
         label = training_labels(batch.label, self.num_classes, self.class_drop_prob)
         pred = model(batch.unified_input, label)
         loss = (pred.float() - batch.target.float()).pow(2).mean()

@@ -1,4 +1,5 @@
-"""A run on disk: where its files live, and the one error type a run raises.
+"""A run: where its files live, where it runs (device, process group, RNG state), and
+the one error type it raises.
 
 Every path of a run is spelled here and nowhere else (DESIGN.md, "Checkpoints"):
 
@@ -14,9 +15,17 @@ stderr and that status, in one place.
 
 from __future__ import annotations
 
+import random
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import timedelta
+from pathlib import Path, PurePosixPath
+
+import torch
+import torch.distributed as dist
+
+DIST_TIMEOUT = timedelta(minutes=60)  # rank 0 may evaluate (FID) for long while the others wait
 
 
 class RunError(RuntimeError):
@@ -92,8 +101,74 @@ class RunLayout:
         return self.output_dir / "eval" / self.run
 
 
+def is_run_file(relative: PurePosixPath, run: str) -> bool:
+    """Whether a path relative to the checkpoint root (``<arch>/...``) is one of run
+    ``run``'s files: under ``<arch>/<run>/`` or ``<arch>/archive/<run>_epoch_XXXX.pt``."""
+    parts = relative.parts
+    if len(parts) >= 3 and parts[1] == run:
+        return True
+    return len(parts) == 3 and parts[1] == "archive" and re.fullmatch(rf"{re.escape(run)}_epoch_\d{{4,}}\.pt", parts[2]) is not None
+
+
 def find_runs(ckpt_root: Path) -> list[RunLayout]:
     """Every run with a ``<arch>/<run>/last.pt`` under ``ckpt_root``, newest first."""
     lasts = [p for p in ckpt_root.glob("*/*/last.pt") if p.parent.name != "archive"]
     lasts.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [RunLayout(ckpt_root.parent, p.parent.parent.name, p.parent.name) for p in lasts]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RunError("device=mps but this machine has no Apple MPS backend: use device=auto or device=cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RunError(f"device={name} but CUDA is not available on this machine: use device=auto or device=cpu")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise RunError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..")
+    elif name not in ("cpu", "mps"):
+        raise RunError(f"device={name}: expected auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, _, gauss = random.getstate()
+    random.setstate((version, tuple(state["python"]), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def process_group(device_name: str, rank: int, world: int, local_rank: int):
+    """NCCL with one GPU per process on CUDA, gloo on the CPU; torn down on any exit."""
+    device = resolve_device(device_name)
+    if device.type == "mps":
+        raise RunError("device=mps cannot run under torchrun (no collective backend for MPS): run one process, or use device=cpu")
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RunError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA device(s): "
+                           "set --nproc_per_node to at most the number of GPUs")
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world, timeout=DIST_TIMEOUT, device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=DIST_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

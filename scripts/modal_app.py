@@ -16,13 +16,10 @@ tree (without outputs/, data/, .venv/, .git/). The volume, mounted at ``/vol``, 
     /vol/data/                                   data sets: the container's data/ points here
                                                  (upload with: modal volume put denoising-zoo data/celeba data/celeba)
 
-``sync`` merges the remote trackio store into the local one (``$TRACKIO_DIR``) so that
-``trackio show`` lists remote runs beside local ones. It never deletes or rewrites a
-local run: a remote run already imported (same trackio run id) only gains the rows it
-does not have yet, so a second sync changes nothing; a remote run whose name is taken
-by a different local run is imported as ``NAME@modal`` (then ``NAME@modal2``, ...).
-Metrics, configs, system metrics, alerts and media (sample plots) are merged; traces
-and artifacts are not.
+``sync`` merges the remote trackio store into the local one (``$TRACKIO_DIR``) with
+``scripts/trackio_merge.py``: local runs are never deleted or rewritten, a second sync
+is a no-op, and a remote run whose name a different local run holds is imported as
+``NAME@modal``.
 
 ``fetch`` refuses to overwrite: if any destination file exists, nothing is downloaded.
 Without Modal credentials every command prints one line and exits 2.
@@ -31,10 +28,8 @@ Without Modal credentials every command prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -46,15 +41,16 @@ from pathlib import Path, PurePosixPath
 import modal
 from omegaconf import DictConfig, OmegaConf
 
+from models.runs import RunLayout, find_runs, is_run_file
+from scripts.trackio_merge import MergeError, merge_trackio
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ROOT / "configs" / "modal" / "default.yaml"
 VOLUME_MOUNT = "/vol"  # where the volume appears in the container
 REMOTE_PROJECT = "/root/denoising_zoo"  # where the source tree appears in the container
-MODAL_SUFFIX = "@modal"  # a remote run whose name a different local run holds is imported as NAME@modal
 NO_CREDENTIALS = "Modal credentials not found: run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)"
 IGNORED_TOP = {".git", ".venv", "venv", "outputs", "data", "trackio", "wandb", "multirun"}  # never uploaded
 IGNORED_ANY = {"__pycache__", ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints", ".DS_Store"}
-RUN_TABLES = ("metrics", "configs", "system_metrics", "alerts")  # run-scoped trackio tables that sync merges
 
 
 class ModalAppError(ValueError):
@@ -167,7 +163,7 @@ def remote_train(cfg_dict: dict, gpu_count: int = 1, volume_name: str = "", volu
     in_container = not modal.is_local()
     if in_container:
         link_data(Path.cwd(), root)
-    entry = [str(ROOT / "scripts" / "modal_app.py"), "train-config", str(config_path)]
+    entry = [str(ROOT / "launcher.py"), "--from-config", str(config_path)]
     if gpu_count > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpu_count}", *entry]
     else:
@@ -176,7 +172,7 @@ def remote_train(cfg_dict: dict, gpu_count: int = 1, volume_name: str = "", volu
     returncode = subprocess.run(command, env=env, cwd=ROOT).returncode
     if in_container:
         modal.Volume.from_name(volume_name).commit()  # make the checkpoints visible to list/fetch right away
-    last = root / "outputs" / "ckpts" / cfg.model.name / cfg.run_name / "last.pt"
+    last = RunLayout.of(cfg).last
     return {"returncode": returncode, "checkpoint": str(last.relative_to(root)) if last.exists() else None}
 
 
@@ -189,22 +185,6 @@ def link_data(project: Path, volume_root: Path) -> None:
         link.symlink_to(target, target_is_directory=True)
 
 
-def train_config(path: Path) -> int:
-    """``train-config PATH``: train a saved resolved config (what remote_train starts,
-    under torchrun or not). Errors are one line, as in the launcher."""
-    import launcher
-    import train
-    from models.checkpoint import CheckpointError
-
-    try:
-        train.run(OmegaConf.load(path))
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        return launcher.fail(launcher.one_line(err))
-    except train.RunError as err:
-        return launcher.fail(launcher.one_line(err), code=1 if "at step" in str(err) else 2)
-    return 0
-
-
 @dataclass
 class RunSummary:
     name: str
@@ -215,17 +195,14 @@ class RunSummary:
 
 
 def list_runs(root: Path) -> list[RunSummary]:
-    """The runs under ``root/outputs/ckpts``: one per ``<arch>/<run>/last.pt``."""
+    """The runs under ``root/outputs/ckpts``: one per ``<arch>/<run>/last.pt``, by name."""
     import torch
 
     runs = []
-    for last in sorted((root / "outputs" / "ckpts").glob("*/*/last.pt")):
-        arch_dir, name = last.parents[1], last.parent.name
-        if name == "archive":
-            continue
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        files = [p for p in last.parent.rglob("*") if p.is_file()] + list((arch_dir / "archive").glob(f"{name}_*.pt"))
-        runs.append(RunSummary(name, arch_dir.name, int(state["epoch"]), int(state["step"]), sum(p.stat().st_size for p in files)))
+    for run in sorted(find_runs(root / "outputs" / "ckpts"), key=lambda r: r.run):
+        state = torch.load(run.last, map_location="cpu", weights_only=True)
+        size = sum(p.stat().st_size for p in run.files())
+        runs.append(RunSummary(run.run, run.arch, int(state["epoch"]), int(state["step"]), size))
     return runs
 
 
@@ -286,16 +263,8 @@ class ModalVolume(VolumeFiles):
 
 
 def run_checkpoint_files(paths: list[str], run_name: str) -> list[str]:
-    """Of ``outputs/ckpts/...`` paths, those of one run: ``<arch>/<run>/*`` and
-    ``<arch>/archive/<run>_epoch_XXXX.pt`` (the archive of epochs)."""
-    chosen = []
-    for path in paths:
-        parts = PurePosixPath(path).parts[2:]  # drop outputs/ckpts
-        if len(parts) >= 3 and parts[1] == run_name:
-            chosen.append(path)
-        elif len(parts) == 3 and parts[1] == "archive" and parts[2].startswith(f"{run_name}_epoch_"):
-            chosen.append(path)
-    return chosen
+    """Of ``outputs/ckpts/...`` paths, those of one run (``models/runs.py::is_run_file``)."""
+    return [path for path in paths if is_run_file(PurePosixPath(*PurePosixPath(path).parts[2:]), run_name)]
 
 
 def fetch_run(volume: VolumeFiles, run_name: str, dest: Path) -> list[Path]:
@@ -317,132 +286,6 @@ def fetch_run(volume: VolumeFiles, run_name: str, dest: Path) -> list[Path]:
         volume.download(path, tmp)
         tmp.replace(target)
     return list(targets.values())
-
-
-# ---------------------------------------------------------------------------------
-# sync: merge a trackio store into another
-# ---------------------------------------------------------------------------------
-
-
-def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
-    return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
-
-
-def _runs(conn: sqlite3.Connection) -> dict[str, str]:
-    """run id -> run name, over every run-scoped table."""
-    runs: dict[str, str] = {}
-    for table in RUN_TABLES:
-        if _columns(conn, table):
-            for run_id, name in conn.execute(f"SELECT DISTINCT run_id, run_name FROM {table}"):
-                runs.setdefault(run_id, name)
-    return runs
-
-
-def _create_like(remote: sqlite3.Connection, local: sqlite3.Connection) -> None:
-    """An empty copy of the remote database's schema (and its schema version)."""
-    for (sql,) in remote.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' "
-                                 "ORDER BY type = 'index'"):
-        local.execute(sql)
-    local.execute(f"PRAGMA user_version = {remote.execute('PRAGMA user_version').fetchone()[0]}")
-
-
-def _free_name(name: str, taken: set[str]) -> str:
-    candidate, n = f"{name}{MODAL_SUFFIX}", 2
-    while candidate in taken:
-        candidate, n = f"{name}{MODAL_SUFFIX}{n}", n + 1
-    return candidate
-
-
-def _renamed_media(value, old_prefix: str, new_prefix: str):
-    """trackio stores media as ``{"_type": "trackio.image", "file_path": "<project>/<run>/<step>/<file>"}``
-    inside the metrics JSON; a renamed run's paths move with it."""
-    if isinstance(value, dict):
-        if str(value.get("_type", "")).startswith("trackio.") and str(value.get("file_path", "")).startswith(old_prefix):
-            return value | {"file_path": new_prefix + value["file_path"][len(old_prefix):]}
-        return {k: _renamed_media(v, old_prefix, new_prefix) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_renamed_media(v, old_prefix, new_prefix) for v in value]
-    return value
-
-
-def _copy_media(src: Path, dst: Path) -> int:
-    """Copy files that are not at the destination yet; existing files are kept."""
-    copied = 0
-    if not src.is_dir():
-        return 0
-    for path in sorted(src.rglob("*")):
-        target = dst / path.relative_to(src)
-        if path.is_file() and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-            copied += 1
-    return copied
-
-
-def merge_trackio(remote: Path, local: Path) -> list[str]:
-    """Merge every project of the trackio store ``remote`` into the store ``local``.
-
-    Returns one line per run that gained rows or files, e.g. ``denoising-zoo/a ->
-    a@modal (12 rows, 1 media files)``; an empty list means nothing changed.
-    """
-    report = []
-    for remote_db in sorted(remote.glob("*.db")):
-        project = remote_db.stem  # trackio's canonical project name: also the media folder's name
-        local.mkdir(parents=True, exist_ok=True)
-        src = sqlite3.connect(remote_db)
-        dst = sqlite3.connect(local / remote_db.name, timeout=30)
-        try:
-            with dst:
-                for conn, where in ((src, f"remote {remote_db}"), (dst, f"local {local / remote_db.name}")):
-                    if _columns(conn, "metrics") and "run_id" not in _columns(conn, "metrics"):
-                        raise ModalAppError(f"trackio store {where} predates run ids: open it once with this trackio "
-                                            "version (e.g. trackio show) so it migrates, then sync again")
-                if not _columns(dst, "metrics"):
-                    _create_like(src, dst)
-                local_runs = _runs(dst)
-                taken = set(local_runs.values())
-                for run_id, name in sorted(_runs(src).items(), key=lambda item: item[1]):
-                    if run_id in local_runs:
-                        target = local_runs[run_id]  # imported before, possibly under a new name
-                    else:
-                        target = name if name not in taken else _free_name(name, taken)
-                        taken.add(target)
-                    rows = _merge_run(src, dst, project, run_id, name, target)
-                    files = _copy_media(remote / "media" / project / name, local / "media" / project / target)
-                    if rows or files:
-                        report.append(f"{project}/{name} -> {target} ({rows} rows, {files} media files)")
-        finally:
-            src.close()
-            dst.close()
-    return report
-
-
-def _merge_run(src: sqlite3.Connection, dst: sqlite3.Connection, project: str, run_id: str, name: str, target: str) -> int:
-    """Insert the rows of one run that the local store lacks; returns how many."""
-    inserted = 0
-    old_prefix, new_prefix = f"{project}/{name}/", f"{project}/{target}/"
-    for table in RUN_TABLES:
-        local_cols = set(_columns(dst, table))
-        cols = [c for c in _columns(src, table) if c != "id" and c in local_cols]
-        if not cols:
-            continue
-        query = f"SELECT {', '.join(cols)} FROM {table} WHERE run_id = ?"
-        have = {tuple(row) for row in dst.execute(query, (run_id,))}
-        for row in src.execute(query, (run_id,)):
-            record = dict(zip(cols, row, strict=True))
-            record["run_name"] = target
-            if "space_id" in record:
-                record["space_id"] = None  # nothing to upload from here
-            if table == "metrics" and target != name:
-                renamed = _renamed_media(json.loads(record["metrics"]), old_prefix, new_prefix)
-                record["metrics"] = json.dumps(renamed, separators=(",", ":")).encode()  # trackio's compact form
-            values = tuple(record[c] for c in cols)
-            if values in have or tuple(row) in have:
-                continue
-            cursor = dst.execute(f"INSERT OR IGNORE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values)
-            inserted += cursor.rowcount
-            have.add(values)
-    return inserted
 
 
 def sync_trackio(volume: VolumeFiles, local: Path) -> list[str]:
@@ -497,12 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     fetch = sub.add_parser("fetch", help="download a run's checkpoints (never overwrites)")
     fetch.add_argument("run_name")
     fetch.add_argument("--dest", type=Path, default=ROOT / "outputs" / "ckpts", help="local ckpts folder (default outputs/ckpts)")
-    train_cfg = sub.add_parser("train-config", help=argparse.SUPPRESS)
-    train_cfg.add_argument("path", type=Path)
     args = parser.parse_args(argv)
 
-    if args.command == "train-config":
-        return train_config(args.path)
     if not has_credentials():
         print(f"error: {NO_CREDENTIALS}", file=sys.stderr)
         return 2
@@ -524,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             store = local_trackio_dir()
             lines = sync_trackio(ModalVolume(settings.volume), store)
             print("\n".join(lines) if lines else f"nothing new: {store} already has every run of volume {settings.volume}")
-    except ModalAppError as err:
+    except (ModalAppError, MergeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

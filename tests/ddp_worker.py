@@ -13,6 +13,7 @@
    NaN: every rank must stop with the non-finite error, not only rank 1.
 """
 
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -22,24 +23,26 @@ from omegaconf import OmegaConf
 
 import launcher
 import train
+from dataloaders.base_dataloaders import make_train_loader
+from models.runs import RunError, process_group
 
 
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     cfg = launcher.compose(overrides)
     OmegaConf.resolve(cfg)
-    env = train.distributed_env()
-    with train.process_group(cfg, env):
-        trainer = train.Trainer(cfg, env.rank, env.world, env.local_rank)
-        batch = next(iter(train.make_train_loader(cfg, trainer.train_set, 0, env.rank, env.world)))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    with process_group(cfg.device, rank, world, int(os.environ["LOCAL_RANK"])):
+        trainer = train.Trainer(cfg, rank, world, int(os.environ["LOCAL_RANK"]))
+        batch = next(iter(make_train_loader(cfg, trainer.train_set, 0, rank, world)))
         init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         rng = torch.get_rng_state()
         trainer.train_step(batch)
         grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
         items = {k: v for k, v in asdict(batch).items() if v is not None}
-        torch.save({"init": init, "rng": rng, "batch": items, "grads": grads}, out / f"step1_rank{env.rank}.pt")
+        torch.save({"init": init, "rng": rng, "batch": items, "grads": grads}, out / f"step1_rank{rank}.pt")
         trainer.fit()
-        torch.save(trainer.model.state_dict(), out / f"final_rank{env.rank}.pt")
+        torch.save(trainer.model.state_dict(), out / f"final_rank{rank}.pt")
 
         messages = []
         # A fresh optimizer at a constant rate: the run's schedule may have decayed to 0 by now.
@@ -48,20 +51,19 @@ def main() -> None:
         wrapped = trainer.step_module
         trainer.step_module = wrapped.module  # the trap: DDP's forward (and its all-reduce) bypassed
         trainer.ranks_checked = False
-        batch = next(iter(train.make_train_loader(cfg, trainer.train_set, 1, env.rank, env.world)))
+        batch = next(iter(make_train_loader(cfg, trainer.train_set, 1, rank, world)))
         try:
             trainer.train_step(batch)
-        except train.RunError as err:
+        except RunError as err:
             messages.append(str(err))
         trainer.step_module = wrapped
-        if env.rank == 1:
-            batch.unified_input[0, 0] = float("nan")
+        if rank == 1:
             batch.raw_source[0, 0] = float("nan")
         try:
             trainer.train_step(batch)
-        except train.RunError as err:
+        except RunError as err:
             messages.append(str(err))
-        (out / f"traps_rank{env.rank}.txt").write_text("\n".join(messages) + "\n")
+        (out / f"traps_rank{rank}.txt").write_text("\n".join(messages) + "\n")
 
 
 if __name__ == "__main__":

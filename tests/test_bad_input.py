@@ -127,10 +127,10 @@ def test_bad_values_are_refused(ws, override, needle):
     "overrides,needle",
     [
         (["model.activation=nope"], "unknown activation 'nope'"),
-        (["loss=meanflow", "loss.ratio=2"], "loss.ratio=2"),
+        (["loss=meanflow", "loss.time.ratio=2"], "loss.time: ratio"),
         (["optimizer.lr=-1"], "-1"),
         (["ema.decay=2"], "ema decay"),
-        (["dataloaders.time_sampler=beta"], "'beta'"),
+        (["loss.time.name=beta"], "'beta'"),
     ],
     ids=["model", "loss", "optimizer", "ema", "time_sampler"],
 )

@@ -22,10 +22,9 @@ from torch import nn
 from dataloaders.base_dataloaders import (
     DictDatasetAdapter,
     collate_base_items,
-    make_time_sampler,
     make_unified_flow_matching_input,
 )
-from losses.base_loss import BaseLoss
+from losses.base_loss import BaseLoss, build_loss
 from models.checkpoint import build_model
 from solvers.runge_kutta import make_solver
 from tests.conftest import CONFIG_DIR, compose_train
@@ -93,7 +92,6 @@ def check_model_on_meta(cfg: DictConfig) -> None:
 def check_data(dl: DictConfig, tmp_path: Path) -> None:
     assert len(dl.data_shape) in (1, 3) and all(int(n) >= 1 for n in dl.data_shape)
     assert int(dl.num_classes) >= 0
-    make_time_sampler(dl.time_sampler, dl.time_mean, dl.time_std)
     if dl.name in NEEDS_FILES:
         key, _reason = NEEDS_FILES[dl.name]
         missing = tmp_path / "not_there"
@@ -113,12 +111,13 @@ def check_data(dl: DictConfig, tmp_path: Path) -> None:
 
 def check_loss(cfg: DictConfig) -> None:
     """Instantiate the loss and take it once on a tiny MLP and a real batch."""
-    loss_fn = instantiate(node_kwargs(cfg.loss) | {"_target_": cfg.loss._target_})
+    loss_fn = build_loss(cfg.loss)
     assert isinstance(loss_fn, BaseLoss)
+    assert loss_fn.samplers(cfg.eval, cfg.solver, cfg.model.num_classes)  # every loss says how its model samples
     torch.manual_seed(0)
     model = build_model({**node_kwargs(cfg.model), "_target_": cfg.model._target_, "hidden": 16, "depth": 1})
     dataset = instantiate(cfg.dataloaders.dataset, split="train")
-    batch = collate_base_items(DictDatasetAdapter(dataset, make_time_sampler("uniform")).__getitems__(list(range(8))))
+    batch = collate_base_items(DictDatasetAdapter(dataset).__getitems__(list(range(8))))
     loss_fn.check_model(model, batch)
     loss = loss_fn(model, batch)
     assert loss.shape == () and torch.isfinite(loss)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import launcher
 import train
-from dataloaders.base_dataloaders import BaseItem
+from dataloaders.base_dataloaders import BaseItem, collate_base_items
+from losses.base_loss import build_loss
 from models.checkpoint import build_model, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_first_step_gradients_equal_one_process_on_the_combined_batch(worker_run
 
     model = build_model(cfg.model)
     model.load_state_dict(ranks[0]["init"])
-    loss_fn = instantiate({k: v for k, v in cfg.loss.items() if k != "name"})
+    loss_fn = build_loss(cfg.loss)
     losses = []
     for rank in ranks:
         torch.set_rng_state(rank["rng"])
@@ -84,9 +84,14 @@ def test_first_step_gradients_equal_one_process_on_the_combined_batch(worker_run
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), f"{name}: ranks hold different gradients"
         torch.testing.assert_close(ranks[0]["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=f"{name}: DDP gradient != one-process gradient")
 
-    if cfg.loss.name == "mse":  # no randomness inside this loss: literally one batch of 2 x 64
+    if cfg.loss.name == "mse":  # each rank's times drawn from its RNG state, then literally one batch of 2 x 64
         model.zero_grad(set_to_none=True)
-        both = BaseItem(**{k: torch.cat([r["batch"][k] for r in ranks]) for k in ranks[0]["batch"]})
+        items = []
+        for rank in ranks:
+            torch.set_rng_state(rank["rng"])
+            raw = BaseItem(**rank["batch"])
+            items.append(raw.at_time(loss_fn.time_sampler.sample(len(raw), torch.device("cpu"))))
+        both = collate_base_items(items)
         train.LossModule(model, loss_fn)(both).backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(ranks[0]["grads"][name], p.grad, rtol=1e-5, atol=1e-6)

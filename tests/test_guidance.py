@@ -12,7 +12,7 @@ from evaluation.energy_distance import energy_distance
 from evaluation.sample import sample_flow, sample_meanflow
 from helpers_cfg import guided_velocity, null_labels
 from losses.base_loss import BaseLoss
-from losses.meanflow_loss import MeanFlowLoss
+from losses.meanflow_loss import DEFAULT_TIME, MeanFlowLoss
 from losses.mse_loss import FlowMatchingMSELoss
 from models.flow_matching.mlp import MLP
 
@@ -110,7 +110,7 @@ def test_meanflow_with_guided_target_separates_classes_in_one_step(one_thread) -
     # guidance pushes one-step samples past their cluster (measured class means at radius
     # ~5 for ω = 1.2 and up to ~6.5 for ω = 1.5 or ω = 1, κ = 0.5, with data at radius 4),
     # and this test is about separation, not the strength of the push.
-    loss = MeanFlowLoss(ratio=0.5, num_classes=K, class_drop_prob=0.1, cfg_omega=1.2, cfg_kappa=0.0)
+    loss = MeanFlowLoss(time=DEFAULT_TIME | {"ratio": 0.5}, num_classes=K, class_drop_prob=0.1, cfg_omega=1.2, cfg_kappa=0.0)
     model = train_conditional(loss, steps=500)
     noise = torch.randn(N_SAMPLES, 2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dataloaders import celeba, cifar10, digits, imagenet
-from dataloaders.base_dataloaders import DictDatasetAdapter, UniformTimeSampler, collate_base_items
+from dataloaders.base_dataloaders import DictDatasetAdapter, collate_base_items
 from dataloaders.image_folder import seeded_split
 
 
@@ -73,9 +73,10 @@ def test_cifar10_flip(tmp_path):
 
 def test_cifar10_through_adapter(tmp_path):
     write_cifar(tmp_path)
-    adapter = DictDatasetAdapter(cifar10.make_dataset(str(tmp_path), split="train"), UniformTimeSampler())
+    adapter = DictDatasetAdapter(cifar10.make_dataset(str(tmp_path), split="train"))
     batch = next(iter(DataLoader(adapter, batch_size=4, collate_fn=collate_base_items)))
-    assert batch.unified_input.shape == (4, 5, 32, 32) and batch.label.dtype == torch.long
+    assert batch.raw_target.shape == batch.raw_source.shape == (4, 3, 32, 32) and batch.label.dtype == torch.long
+    assert batch.at_time(torch.rand(4)).unified_input.shape == (4, 5, 32, 32)
 
 
 def test_cifar10_bad_root(tmp_path):

@@ -17,6 +17,7 @@ from omegaconf import open_dict
 from PIL import Image
 
 import train
+from models.runs import RunError
 from models.checkpoint import CheckpointError, load_model_from_checkpoint, read_checkpoint, save_checkpoint
 from tests.conftest import REPO, TrainedRun, launch, launcher_env, tree_hashes
 
@@ -241,5 +242,5 @@ def test_resume_ignores_a_stray_temp_file(cfg_train):
     (run_dir / "last.pt").rename(run_dir / ".last.pt.tmp")
     with open_dict(cfg_train):
         cfg_train.resume = True
-    with pytest.raises(train.RunError, match="has no checkpoint"):
+    with pytest.raises(RunError, match="has no checkpoint"):
         train.run(cfg_train)

@@ -9,8 +9,14 @@ from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, make_base_item, make_unified_flow_matching_input, split_unified_input
 from evaluation.sample import sample_meanflow
-from losses.meanflow_loss import MeanFlowLoss, sample_time_pairs
+from losses.meanflow_loss import DEFAULT_TIME, MeanFlowLoss
+from losses.time_sampling import make_pair_sampler
 from models.flow_matching.mlp import MLP
+
+
+def law(**changes) -> dict:
+    """The default (s, t) law of ``configs/loss/meanflow.yaml`` with some keys changed."""
+    return DEFAULT_TIME | changes
 
 
 class TinyConv(nn.Module):
@@ -114,7 +120,7 @@ def make_batch(n: int = 32, dim: int = 2, seed: int = 0, labels: bool = False) -
 def grads_for(mode: str, dropout: float, seed: int = 0) -> tuple[Tensor, list[Tensor]]:
     torch.manual_seed(123)
     model = MLP(data_dim=2, hidden=32, depth=3, dropout=dropout)
-    loss_fn = MeanFlowLoss(jvp_mode=mode, ratio=0.75, p=0.75)
+    loss_fn = MeanFlowLoss(time=law(ratio=0.75), jvp_mode=mode, p=0.75)
     torch.manual_seed(seed)
     loss = loss_fn(model, make_batch())
     loss.backward()
@@ -184,21 +190,6 @@ def test_fp32_loss_matches_without_autocast() -> None:
     assert torch.equal(plain, autocast)
 
 
-@pytest.mark.parametrize("sampler", ["paper", "improved"])
-def test_time_pair_samplers(sampler: str) -> None:
-    torch.manual_seed(0)
-    n = 20000
-    s, t = sample_time_pairs(n, sampler, ratio=0.25, mean=-0.4, std=1.0, device=torch.device("cpu"))
-    assert ((0 <= s) & (s <= t) & (t <= 1)).all()
-    assert (s != t).float().mean().item() == pytest.approx(0.25, abs=1e-3)
-    equal = s[s == t]
-    # paper: equal pairs sit at 1 - max(two draws), i.e. the min of two sigmoid(N(0.4, 1)); improved: one draw.
-    one_draw = 1 - torch.sigmoid(torch.randn(200000) - 0.4)
-    two_draw_min = torch.minimum(1 - torch.sigmoid(torch.randn(200000) - 0.4), 1 - torch.sigmoid(torch.randn(200000) - 0.4))
-    expected = two_draw_min.mean() if sampler == "paper" else one_draw.mean()
-    assert equal.mean().item() == pytest.approx(expected.item(), abs=0.01)
-
-
 def test_ratio_zero_is_flow_matching_on_the_diagonal() -> None:
     """With no s != t pairs (and p = 0) the target is v and the loss is the flow-matching
     loss ||u(x_s, s, s) - v||² summed over dimensions, computed here independently."""
@@ -206,9 +197,9 @@ def test_ratio_zero_is_flow_matching_on_the_diagonal() -> None:
     model = MLP(data_dim=2, hidden=16, depth=2)
     batch = make_batch()
     torch.manual_seed(3)
-    loss = MeanFlowLoss(ratio=0.0, p=0.0)(model, batch)
+    loss = MeanFlowLoss(time=law(ratio=0.0), p=0.0)(model, batch)
     torch.manual_seed(3)
-    s, t = sample_time_pairs(32, "paper", 0.0, -0.4, 1.0, torch.device("cpu"))
+    s, t = make_pair_sampler(**law(ratio=0.0)).sample(32, torch.device("cpu"))
     assert torch.equal(s, t)
     x0, x1 = batch.raw_source, batch.raw_target
     x_s = (1 - s[:, None]) * x0 + s[:, None] * x1
@@ -260,11 +251,11 @@ def test_few_step_grid_composes(steps: int) -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"ratio": 1.5}, "ratio"),
-        ({"ratio": -0.1}, "ratio"),
+        ({"time": law(ratio=1.5)}, "ratio"),
+        ({"time": law(ratio=-0.1)}, "ratio"),
         ({"p": -1.0}, "loss.p"),
         ({"eps": -1e-3}, "loss.eps"),
-        ({"sampler": "nope"}, "sampler"),
+        ({"time": law(name="nope")}, "nope"),
         ({"cfg_omega": 2.0}, "unconditional"),
         ({"jvp_mode": "magic"}, "jvp_mode"),
         ({"cfg_interval": [0.8, 0.2]}, "cfg_interval"),
@@ -332,7 +323,7 @@ def test_meanflow_training_improves_one_step_samples() -> None:
     torch.manual_seed(0)
     model = MLP(data_dim=2, hidden=64, depth=3)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    loss_fn = MeanFlowLoss(p=1.0, ratio=0.75)
+    loss_fn = MeanFlowLoss(time=law(ratio=0.75), p=1.0)
     data = torch.randn(1000, 2) * 2 + torch.tensor([3.0, -1.0])
 
     def one_step_distance() -> float:

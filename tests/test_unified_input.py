@@ -1,4 +1,4 @@
-"""The shared data interface of DESIGN.md: unified input, BaseItem, adapter, time samplers."""
+"""The shared data interface of DESIGN.md: unified input, BaseItem, adapter, the epoch sampler."""
 
 import pytest
 import torch
@@ -7,11 +7,9 @@ from torch.utils.data import DataLoader
 from dataloaders.base_dataloaders import (
     BaseItem,
     DictDatasetAdapter,
-    LogitNormalTimeSampler,
+    EpochSampler,
     TensorTargetDataset,
-    UniformTimeSampler,
     collate_base_items,
-    make_time_sampler,
     make_unified_flow_matching_input,
     split_unified_input,
 )
@@ -57,7 +55,7 @@ def test_adapter_items_through_a_real_dataloader(shape):
     data = torch.randn(n, *shape) * 3 + 1
     labels = torch.arange(n) % 4
     loader = DataLoader(
-        DictDatasetAdapter(TensorTargetDataset(data, labels, num_classes=4), UniformTimeSampler()),
+        DictDatasetAdapter(TensorTargetDataset(data, labels, num_classes=4)),
         batch_size=16,
         shuffle=True,
         drop_last=True,
@@ -65,7 +63,10 @@ def test_adapter_items_through_a_real_dataloader(shape):
     )
     batches = list(loader)
     assert len(batches) == 2
-    for item in batches:
+    for raw in batches:
+        # the loader gives data and noise only; a loss that reads the path at one time asks for it
+        assert raw.t is None and raw.unified_input is None and raw.target is None
+        item = raw.at_time(torch.rand(len(raw)))
         assert isinstance(item, BaseItem) and len(item) == 16
         tb = item.t.reshape(-1, *([1] * len(shape)))
         # x_t = (1 - t) x_0 + t x_1 and the target is v = x_1 - x_0 (DESIGN.md)
@@ -80,36 +81,31 @@ def test_adapter_items_through_a_real_dataloader(shape):
 
 
 def test_unlabelled_data_gives_no_labels_and_single_items_collate():
-    adapter = DictDatasetAdapter(TensorTargetDataset(torch.randn(10, 2)), UniformTimeSampler())
+    adapter = DictDatasetAdapter(TensorTargetDataset(torch.randn(10, 2)))
     assert adapter.__getitems__([0, 1, 2]).label is None
     merged = collate_base_items([adapter[0], adapter[3]])
-    assert len(merged) == 2 and merged.unified_input.shape == (2, 4)
+    assert len(merged) == 2 and merged.raw_target.shape == (2, 2) and merged.unified_input is None
 
 
 def test_base_item_moves_between_devices_with_labels_kept():
-    item = DictDatasetAdapter(TensorTargetDataset(torch.randn(6, 2), torch.arange(6)), UniformTimeSampler()).__getitems__([1, 2])
+    item = DictDatasetAdapter(TensorTargetDataset(torch.randn(6, 2), torch.arange(6))).__getitems__([1, 2]).at_time(torch.rand(2))
     moved = item.to("cpu")
     assert torch.equal(moved.label, torch.tensor([1, 2])) and torch.equal(moved.target, item.target)
 
 
-def test_time_samplers_stay_in_range_with_the_right_mean():
-    g = torch.Generator().manual_seed(0)
-    uniform = UniformTimeSampler().sample(20000, generator=g)
-    assert uniform.shape == (20000,) and uniform.dtype == torch.float32
-    assert 0 <= float(uniform.min()) and float(uniform.max()) <= 1
-    assert float(uniform.mean()) == pytest.approx(0.5, abs=0.01)
-
-    logit = LogitNormalTimeSampler(0.0, 1.0).sample(20000, generator=g)
-    assert 0 < float(logit.min()) and float(logit.max()) < 1
-    assert float(logit.mean()) == pytest.approx(0.5, abs=0.01)  # symmetric about 0 in logit space
-    assert float(logit.median()) == pytest.approx(0.5, abs=0.02)
-
-    shifted = make_time_sampler("logit_normal", -0.4, 1.0).sample(20000, generator=g)
-    assert float(shifted.median()) == pytest.approx(float(torch.sigmoid(torch.tensor(-0.4))), abs=0.02)
+def test_epoch_sampler_is_a_seeded_permutation_that_resumes_at_a_batch():
+    n, batch = 103, 10
+    whole = EpochSampler(n, batch, seed=3, epoch=2).indices
+    assert len(whole) == 100 and len(set(whole)) == 100  # full batches only, no repeats
+    assert EpochSampler(n, batch, seed=3, epoch=2).indices == whole  # fixed by (seed, epoch)
+    assert EpochSampler(n, batch, seed=3, epoch=3).indices != whole
+    assert EpochSampler(n, batch, seed=3, epoch=2, start_batch=4).indices == whole[40:]  # resume mid-epoch
 
 
-def test_bad_sampler_settings_are_refused():
-    with pytest.raises(ValueError, match="unknown time sampler 'beta'"):
-        make_time_sampler("beta")
-    with pytest.raises(ValueError, match="std"):
-        LogitNormalTimeSampler(0.0, 0.0)
+def test_epoch_sampler_shards_one_permutation_over_ranks():
+    n, batch, world = 50, 4, 3
+    shards = [EpochSampler(n, batch, seed=0, epoch=0, rank=r, world=world).indices for r in range(world)]
+    assert all(len(s) == 4 * batch for s in shards)  # 4 full global batches of 12
+    union = [i for s in shards for i in s]
+    assert len(set(union)) == len(union) == 48  # disjoint: no sample seen twice in an epoch
+    assert EpochSampler(n, batch, seed=0, epoch=0, rank=1, world=world, start_batch=2).indices == shards[1][8:]

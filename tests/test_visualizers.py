@@ -110,7 +110,7 @@ def test_meanflow_interpolation_follows_the_jumps():
         (evolution, ["--run-name", "ring_fm_noarchive"], "has no archived checkpoints"),
         (flow_trajectories, ["--run-name", "digits_fm"], "draws 2d runs"),
         (meanflow_steps, ["--run-name", "digits_fm"], "draws 2d runs"),
-        (meanflow_steps, ["--run-name", "ring_fm"], "draws MeanFlow runs"),
+        (meanflow_steps, ["--run-name", "ring_fm"], "samples in mean-flow jumps"),
         (flow_trajectories, ["--run-name", "ring_fm", "--steps", "0"], "--steps '0'"),
     ],
 )

@@ -18,7 +18,6 @@ bad call never overwrites an earlier picture.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,10 @@ matplotlib.use("Agg")  # files only: no display needed, and no GUI backend on a 
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dataloaders.base_dataloaders import stack_targets  # noqa: E402
+from losses.base_loss import build_loss  # noqa: E402
 from models.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
+from models.runs import RunLayout, find_runs  # noqa: E402
+from solvers.sampling import JumpSampler, Sampler  # noqa: E402
 
 DEFAULT_CKPT_ROOT = "outputs/ckpts"
 DEFAULT_VIS_ROOT = Path("outputs/vis")
@@ -47,12 +49,26 @@ class VisError(ValueError):
 
 @dataclass
 class RunInfo:
-    """A trained run on disk: its live checkpoint, archive and resolved config."""
+    """A trained run on disk: its layout (``models/runs.py``) and resolved config."""
 
-    name: str
-    last: Path  # <ckpt_root>/<arch>/<run_name>/last.pt
-    archive_dir: Path  # <ckpt_root>/<arch>/archive
+    layout: RunLayout
     cfg: DictConfig
+
+    @property
+    def name(self) -> str:
+        return self.layout.run
+
+    @property
+    def last(self) -> Path:
+        return self.layout.last
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.layout.archive_dir
+
+    def archived(self) -> list[tuple[int, Path]]:
+        """``(epoch, path)`` of the run's archived epoch checkpoints, by epoch."""
+        return self.layout.archived()
 
     @property
     def kind(self) -> str:
@@ -62,25 +78,14 @@ class RunInfo:
             return "2d" if shape[0] == 2 else "dense"
         return "image" if shape[0] in (1, 3) else "latent"
 
+    def samplers(self) -> dict[str, Sampler]:
+        """How the run's loss samples its model (what the evaluator scored)."""
+        return build_loss(self.cfg.loss).samplers(self.cfg.eval, self.cfg.solver, self.cfg.model.num_classes)
+
     @property
-    def is_meanflow(self) -> bool:
-        return self.cfg.loss.name == "meanflow"
-
-    def archived(self) -> list[tuple[int, Path]]:
-        """``(epoch, path)`` of ``<run_name>_epoch_XXXX.pt`` in the archive, by epoch."""
-        pattern = re.compile(rf"{re.escape(self.name)}_epoch_(\d{{4,}})\.pt")
-        found = []
-        if self.archive_dir.is_dir():
-            for path in self.archive_dir.iterdir():
-                match = pattern.fullmatch(path.name)
-                if match:
-                    found.append((int(match.group(1)), path))
-        return sorted(found)
-
-
-def list_runs(ckpt_root: Path) -> list[Path]:
-    """Every ``<arch>/<run>/last.pt`` under the root, newest first."""
-    return sorted(ckpt_root.glob("*/*/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    def jumps(self) -> bool:
+        """Whether the run's model samples in mean-flow jumps (the one-step family)."""
+        return any(isinstance(s, JumpSampler) for s in self.samplers().values())
 
 
 def find_run(ckpt_root: str | Path, run_name: str | None) -> RunInfo:
@@ -88,19 +93,18 @@ def find_run(ckpt_root: str | Path, run_name: str | None) -> RunInfo:
     root = Path(ckpt_root)
     if not root.is_dir():
         raise VisError(f"checkpoint root {str(root)!r} is not a folder: expected outputs/ckpts (see --ckpt-root)")
-    runs = list_runs(root)
+    runs = find_runs(root)
     if run_name is None:
         if not runs:
             raise VisError(f"no run under {str(root)!r}: expected <arch>/<run_name>/last.pt files")
-        last = runs[0]
+        run = runs[0]
     else:
-        matches = [p for p in runs if p.parent.name == run_name]
+        matches = [r for r in runs if r.run == run_name]
         if not matches:
-            names = ", ".join(sorted({p.parent.name for p in runs})) or "none"
+            names = ", ".join(sorted({r.run for r in runs})) or "none"
             raise VisError(f"no run {run_name!r} under {str(root)!r} (runs there: {names})")
-        last = matches[0]
-    cfg = OmegaConf.create(read_checkpoint(last)["config"])
-    return RunInfo(name=last.parent.name, last=last, archive_dir=last.parent.parent / "archive", cfg=cfg)
+        run = matches[0]
+    return RunInfo(layout=run, cfg=OmegaConf.create(read_checkpoint(run.last)["config"]))
 
 
 def require_kind(run: RunInfo, kinds: tuple[str, ...], visualizer: str) -> None:

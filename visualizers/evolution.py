@@ -48,7 +48,7 @@ from visualizers.common import (
 
 def sample_checkpoint(path: Path, run: RunInfo, x0: torch.Tensor, labels: torch.Tensor | None, steps: int) -> torch.Tensor:
     model, cfg = load_checkpoint_model(str(path))
-    if run.is_meanflow:
+    if run.jumps:
         return sample_meanflow(model, x0, num_steps=steps, label=labels).samples
     return sample_flow(model, x0, solver=cfg.solver.name, num_steps=steps, label=labels,
                        num_classes=cfg.model.num_classes).samples
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     run = find_run(args.ckpt_root, args.run_name)
     require_kind(run, ("2d", "image"), "evolution")
     if args.steps is None:
-        steps = 1 if run.is_meanflow else 50
+        steps = 1 if run.jumps else 50
     else:
         counts = parse_steps(args.steps)
         if len(counts) != 1:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     num_samples = args.num_samples or (500 if run.kind == "2d" else 64)
     x0, labels = noise_and_labels(run.cfg, num_samples, args.seed)
     samples = [(epoch, sample_checkpoint(path, run, x0, labels, steps)) for epoch, path in archived]
-    how = f"MeanFlow {steps}-step" if run.is_meanflow else f"{run.cfg.solver.name} {steps} steps"
+    how = f"MeanFlow {steps}-step" if run.jumps else f"{run.cfg.solver.name} {steps} steps"
     title = f"{run.name} · {how}"
     if run.kind == "2d":
         frames = scatter_frames([(e, s.numpy()) for e, s in samples], reference_data(run.cfg, 2000), title)

@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     run = find_run(args.ckpt_root, args.run_name)
     require_kind(run, ("2d",), "meanflow_steps")
-    if not run.is_meanflow:
-        raise VisError(f"meanflow_steps draws MeanFlow runs (loss meanflow); run {run.name!r} was trained with loss {run.cfg.loss.name}")
+    if not run.jumps:
+        raise VisError(f"meanflow_steps draws runs whose loss samples in mean-flow jumps (meanflow, imf, alphaflow); run {run.name!r} was trained with loss {run.cfg.loss.name}")
     model, cfg = load_checkpoint_model(str(run.last))
     x0, labels = noise_and_labels(cfg, args.num_samples, args.seed)
     data = reference_data(cfg, 2000)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         jobs.append(("flow_trajectories", flow_trajectories.main))
     if run.kind in ("2d", "image") and run.archived():
         jobs.append(("evolution", evolution.main))
-    if run.kind == "2d" and run.is_meanflow:
+    if run.kind == "2d" and run.jumps:
         jobs.append(("meanflow_steps", meanflow_steps.main))
     if not jobs:
         raise VisError(

@@ -1,0 +1,151 @@
+"""Evaluation of a model, shared by training and ``eval_checkpoint``.
+
+The evaluator asks the loss how its model samples (``BaseLoss.samplers``): a solver on
+the diagonal ``u(x, t, t)``, k-step mean-flow jumps, whatever a new loss returns. For
+each sampler it reports the energy distance of the samples to held-out data beside
+the floor (two independent data draws of the same size, which no model can beat), and
+for image runs FID where the sampler asks for it. Noise comes from fixed generators, so
+the numbers at an epoch are a function of the weights alone: ``eval_checkpoint``
+reproduces what the run logged, and evaluation never shifts the training RNG stream.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from dataloaders.base_dataloaders import make_dataset, stack_targets
+from evaluation.energy_distance import energy_distance
+from losses.base_loss import BaseLoss, build_loss
+from models.checkpoint import load_model_from_checkpoint
+from models.runs import RunError, RunLayout, resolve_device
+from solvers.sampling import Sampler
+
+
+def mean_energy_distance(x: Tensor, y: Tensor, block: int) -> float:
+    """The energy distance averaged over consecutive blocks of ``block`` rows: an estimate
+    with the bias of one block of that size and a fraction of its spread (a single draw
+    of 2000 points varies by about the size of the floor itself)."""
+    values = [energy_distance(x[i : i + block], y[i : i + block]) for i in range(0, x.shape[0], block)]
+    return sum(values) / len(values)
+
+
+def reference_sets(cfg: DictConfig, test: Dataset, reference: Dataset) -> tuple[Tensor, Tensor, int]:
+    """Held-out data and an independent data draw (for the floor), ``repeats`` blocks of
+    ``n`` samples each (``n`` shrinks to fit small held-out sets); returns them and ``n``."""
+    repeats = cfg.eval.repeats
+    n = min(cfg.eval.num_samples, len(test) // repeats, len(reference) // repeats)
+    if n < 2:
+        raise RunError(f"eval.repeats={repeats} leaves fewer than 2 held-out samples per block ({len(test)} in all): lower eval.repeats")
+    gen = torch.Generator().manual_seed(cfg.seed + 12345)
+    pick_test = torch.randperm(len(test), generator=gen)[: n * repeats].tolist()
+    pick_ref = torch.randperm(len(reference), generator=gen)[: n * repeats].tolist()
+    return stack_targets(test, pick_test)[0].float(), stack_targets(reference, pick_ref)[0].float(), n
+
+
+class Evaluator:
+    """Samples the (EMA) model with every sampler its loss names and scores them.
+
+    Args:
+        cfg: the run's resolved config.
+        loss: the run's loss (asked for its samplers).
+        device: where sampling runs.
+        vae: the run's VAE for latent data (decodes samples for grids and FID), else None.
+    """
+
+    def __init__(self, cfg: DictConfig, loss: BaseLoss, device: torch.device, vae: nn.Module | None = None) -> None:
+        self.cfg, self.device, self.vae = cfg, device, vae
+        self.samplers: dict[str, Sampler] = loss.samplers(cfg.eval, cfg.solver, cfg.model.num_classes)
+        self.is_image = len(cfg.dataloaders.data_shape) == 3
+        test, reference = (make_dataset(cfg.dataloaders, split, vae) for split in ("test", "reference"))
+        self.held_out, reference_data, self.block = reference_sets(cfg, test, reference)
+        self.floor = mean_energy_distance(self.held_out, reference_data, self.block)
+        self.fid_extractor = None
+        if cfg.eval.fid.enabled:
+            from evaluation.fid import make_feature_extractor
+
+            self.fid_extractor = make_feature_extractor(cfg.eval.fid.feature_extractor)
+
+    def noise(self, n: int, seed_offset: int) -> tuple[Tensor, Tensor | None]:
+        gen = torch.Generator().manual_seed(self.cfg.seed + seed_offset)
+        x0 = torch.randn(n, *self.cfg.dataloaders.data_shape, generator=gen)
+        labels = None
+        if self.cfg.model.num_classes > 0:
+            labels = torch.randint(self.cfg.model.num_classes, (n,), generator=gen)
+        return x0, labels
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, sampler: Sampler, x0: Tensor, labels: Tensor | None) -> tuple[Tensor, float]:
+        """Samples from noise ``x0`` (CPU) in chunks of ``eval.batch_size``, on the CPU,
+        and the mean network evaluations per sample."""
+        size, out, nfe = self.cfg.eval.batch_size, [], []
+        for i in range(0, x0.shape[0], size):
+            y = None if labels is None else labels[i : i + size].to(self.device)
+            out.append(sampler(model, x0[i : i + size].to(self.device), y).float().cpu())
+            nfe.append(sampler.nfe * out[-1].shape[0])
+        return torch.cat(out), sum(nfe) / x0.shape[0]
+
+    @torch.no_grad()
+    def to_images(self, x: Tensor) -> Tensor:
+        """Model-space samples -> images in [-1, 1] (VAE-decoded for latent data)."""
+        if self.vae is None:
+            return x.clamp(-1, 1)
+        chunks = [self.vae.decode(x[i : i + 32].to(self.device)).float().cpu() for i in range(0, x.shape[0], 32)]
+        return torch.cat(chunks).clamp(-1, 1)
+
+    @torch.no_grad()
+    def fid(self, model: nn.Module, sampler: Sampler) -> float:
+        from evaluation.fid import compute_fid, fid_against_images
+
+        fcfg = self.cfg.eval.fid
+        x0, labels = self.noise(fcfg.num_samples, 999)
+        images = self.to_images(self.generate(model, sampler, x0, labels)[0])
+        if fcfg.reference == "heldout":
+            return fid_against_images(images, self.to_images(self.held_out), fcfg.mode, self.fid_extractor,
+                                      fcfg.batch_size, self.device)
+        return compute_fid(images, fcfg.reference, mode=fcfg.mode, feature_extractor=self.fid_extractor,
+                           batch_size=fcfg.batch_size, device=self.device, dataset_split=fcfg.dataset_split)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, prefix: str = "eval") -> tuple[dict[str, float], dict[str, Tensor]]:
+        """Returns (metrics, samples by sampler name) for ``model``; metric names are
+        ``{prefix}/energy_distance[_{sampler.metric}]``, ``{prefix}/fid[_...]`` and
+        ``{prefix}/nfe[_...]``, beside ``{prefix}/energy_distance_floor``."""
+        x0, labels = self.noise(self.held_out.shape[0], 777)
+        metrics: dict[str, float] = {f"{prefix}/energy_distance_floor": self.floor}
+        samples = {}
+        for name, sampler in self.samplers.items():
+            suffix = f"_{sampler.metric}" if sampler.metric else ""
+            samples[name], nfe = self.generate(model, sampler, x0, labels)
+            metrics[f"{prefix}/energy_distance{suffix}"] = mean_energy_distance(samples[name], self.held_out, self.block)
+            metrics[f"{prefix}/nfe{suffix}"] = nfe
+            if self.cfg.eval.fid.enabled and sampler.fid:
+                metrics[f"{prefix}/fid{suffix}"] = self.fid(model, sampler)
+        return metrics, samples
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """Rebuild the model from the checkpoint's own config, evaluate, print, write JSON.
+    Only ``device`` and ``output_dir`` come from the command line, so the numbers match
+    the ones the run logged at that epoch."""
+    device = resolve_device(cfg.device)
+    model, saved_cfg, state = load_model_from_checkpoint(cfg.eval_checkpoint, device)
+    with open_dict(saved_cfg):
+        saved_cfg.device, saved_cfg.output_dir = cfg.device, cfg.output_dir
+    vae_cfg = saved_cfg.dataloaders.get("vae")
+    vae = instantiate(vae_cfg).to(device) if vae_cfg is not None else None
+    metrics, _ = Evaluator(saved_cfg, build_loss(saved_cfg.loss), device, vae)(model)
+    result = {"checkpoint": str(cfg.eval_checkpoint), "run_name": saved_cfg.run_name, "epoch": int(state["epoch"]),
+              "step": int(state["step"]), **metrics}
+    out = RunLayout.of(saved_cfg).eval_dir / f"epoch_{int(state['epoch']):04d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    print(f"results written to {out}")
+    return result

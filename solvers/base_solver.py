@@ -1,4 +1,4 @@
-"""ODE solvers for ``dx/dt = v(x, t)`` from noise (t=0) to data (t=1) on a fixed grid."""
+"""ODE solvers for ``dx/dt = v(x, t)`` from noise (t=0) to data (t=1): fixed-grid and adaptive."""
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -13,7 +13,8 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]  # v(x (B, ...), t (B,)) -> (B, 
 @dataclass
 class SolverResult:
     """x: the final state; trajectory: the states at every grid time (including the
-    start) when asked for, else None; nfe: velocity evaluations used; times: the grid."""
+    start) when asked for, else None; nfe: velocity evaluations used (for the whole
+    batch: one call evaluates every sample); times: the grid."""
 
     x: Tensor
     trajectory: list[Tensor] | None
@@ -28,13 +29,44 @@ def uniform_grid(num_steps: int, t0: float = 0.0, t1: float = 1.0) -> Tensor:
 
 
 class BaseSolver(ABC):
+    """An ODE solver for ``dx/dt = fn(x, t)`` from ``times[0]`` to ``times[-1]``.
+
+    ``adaptive`` solvers choose their own steps (the NFE is known only afterwards, in
+    ``SolverResult.nfe``); fixed-grid solvers take ``evals_per_step`` evaluations per
+    grid step.
+    """
+
+    name: str = "base"
+    adaptive: bool = False
+
+    @abstractmethod
+    def solve(
+        self,
+        fn: VelocityFn,
+        x0: Tensor,
+        num_steps: int = 100,
+        times: Tensor | None = None,
+        return_trajectory: bool = False,
+    ) -> SolverResult:
+        """Integrate from ``times[0]`` to ``times[-1]`` (default a uniform grid on [0, 1]).
+
+        Args:
+            fn: the velocity field ``v(x, t)``: x (B, ...), t (B,) -> (B, ...).
+            x0: the start state, shape (B, ...).
+            num_steps: number of uniform steps when ``times`` is not given.
+            times: an increasing 1-D grid to step along (or, for an adaptive solver,
+                to report the trajectory at) instead.
+            return_trajectory: keep the state at every grid time.
+        """
+
+
+class FixedGridSolver(BaseSolver):
     """A one-step method applied on a time grid.
 
     Subclasses implement ``step``; ``solve`` walks the grid, counts function
     evaluations and optionally keeps the whole trajectory (for the visualizers).
     """
 
-    name: str = "base"
     evals_per_step: int = 1
 
     @abstractmethod
@@ -50,15 +82,6 @@ class BaseSolver(ABC):
         times: Tensor | None = None,
         return_trajectory: bool = False,
     ) -> SolverResult:
-        """Integrate from ``times[0]`` to ``times[-1]`` (default a uniform grid on [0, 1]).
-
-        Args:
-            fn: the velocity field ``v(x, t)``.
-            x0: the start state, shape (B, ...).
-            num_steps: number of uniform steps when ``times`` is not given.
-            times: an increasing 1-D grid to step along instead.
-            return_trajectory: keep the state at every grid time.
-        """
         grid = uniform_grid(num_steps) if times is None else times.to(torch.float64)
         calls = 0
 

@@ -1,15 +1,19 @@
 """Explicit Runge-Kutta methods on a fixed grid (Hairer, Nørsett & Wanner, Sec. II.1).
 
 Global error after integrating to t=1 with step h: Euler O(h), midpoint and Heun
-O(h²), classic RK4 O(h⁴).
+O(h²), classic RK4 O(h⁴). ``make_solver`` also finds the adaptive embedded pairs of
+``solvers/adaptive.py`` (dopri5, ...) by name.
 """
+
+import inspect
 
 from torch import Tensor
 
-from solvers.base_solver import BaseSolver, VelocityFn
+from solvers.adaptive import ADAPTIVE_SOLVERS
+from solvers.base_solver import BaseSolver, FixedGridSolver, VelocityFn
 
 
-class EulerSolver(BaseSolver):
+class EulerSolver(FixedGridSolver):
     name = "euler"
     evals_per_step = 1
 
@@ -17,7 +21,7 @@ class EulerSolver(BaseSolver):
         return x + h * fn(x, t)
 
 
-class MidpointSolver(BaseSolver):
+class MidpointSolver(FixedGridSolver):
     name = "midpoint"
     evals_per_step = 2
 
@@ -26,7 +30,7 @@ class MidpointSolver(BaseSolver):
         return x + h * fn(x + 0.5 * h * k1, t + 0.5 * h)
 
 
-class HeunSolver(BaseSolver):
+class HeunSolver(FixedGridSolver):
     """Explicit trapezoid (Heun's second-order method, as in EDM's sampler)."""
 
     name = "heun"
@@ -38,7 +42,7 @@ class HeunSolver(BaseSolver):
         return x + 0.5 * h * (k1 + k2)
 
 
-class RK4Solver(BaseSolver):
+class RK4Solver(FixedGridSolver):
     """The classic fourth-order Runge-Kutta method."""
 
     name = "rk4"
@@ -53,11 +57,18 @@ class RK4Solver(BaseSolver):
 
 
 SOLVERS: dict[str, type[BaseSolver]] = {
-    cls.name: cls for cls in (EulerSolver, MidpointSolver, HeunSolver, RK4Solver)
+    cls.name: cls for cls in (EulerSolver, MidpointSolver, HeunSolver, RK4Solver, *ADAPTIVE_SOLVERS)
 }
 
 
-def make_solver(name: str) -> BaseSolver:
+def make_solver(name: str, **options) -> BaseSolver:
+    """The solver ``name`` with its options (the solver config group's keys other than
+    ``name``: ``rtol``, ``atol`` for the adaptive ones; none for the fixed-grid ones)."""
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}: expected one of {sorted(SOLVERS)}")
-    return SOLVERS[name]()
+    accepted = list(inspect.signature(SOLVERS[name]).parameters)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"it takes {accepted}" if accepted else "it takes none"
+        raise ValueError(f"solver {name!r} has no option {unknown[0]!r}: {takes}")
+    return SOLVERS[name](**options)

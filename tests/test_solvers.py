@@ -5,7 +5,10 @@ dx/dt = x cos(t)     ->  x(1) = x0 e^{sin 1}     (time-dependent field)
 dx/dt = cos(t)       ->  x(1) = x0 + sin 1       (no x: the methods become quadrature rules)
 
 The convergence order p is the slope of log(error) against log(h) over a range of
-step sizes: Euler 1, midpoint and Heun 2, RK4 4.
+step sizes: Euler 1, midpoint and Heun 2, RK4 4. The adaptive solvers (torchdiffeq)
+are held to their tolerance instead: the error at t=1 stays within a few times
+``atol + rtol |x(1)|`` from loose to tight tolerances, at a cost (NFE) that grows as
+the tolerance tightens.
 """
 
 import math
@@ -21,6 +24,7 @@ from solvers.base_solver import uniform_grid
 from solvers.runge_kutta import SOLVERS, make_solver
 
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+ADAPTIVE = ["adaptive_heun", "bosh3", "dopri5", "dopri8"]
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 X0 = torch.tensor([[1.0, -0.5], [2.0, 0.25]], dtype=torch.float64)
 
@@ -29,10 +33,17 @@ FIELDS = {
     "x_cos_t": (lambda x, t: x * torch.cos(t)[:, None], lambda x0: x0 * math.exp(math.sin(1.0))),
     "cos_t": (lambda x, t: torch.cos(t)[:, None].expand_as(x), lambda x0: x0 + math.sin(1.0)),
 }
+# The same solutions at any time t, for the adaptive solvers' trajectories.
+AT = {
+    "linear": lambda x0, t: x0 * math.exp(1.3 * t),
+    "x_cos_t": lambda x0, t: x0 * math.exp(math.sin(t)),
+    "cos_t": lambda x0, t: x0 + math.sin(t),
+}
 
 
 def test_every_registered_solver_is_tested():
-    assert set(SOLVERS) == set(ORDERS)
+    assert set(SOLVERS) == set(ORDERS) | set(ADAPTIVE)
+    assert all(SOLVERS[name].adaptive for name in ADAPTIVE) and not any(SOLVERS[name].adaptive for name in ORDERS)
 
 
 @pytest.mark.parametrize("field", sorted(FIELDS))
@@ -85,6 +96,85 @@ def test_bad_names_and_grids_are_refused():
         uniform_grid(0)
 
 
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="solver 'euler' has no option 'rtol': it takes none"):
+        make_solver("euler", rtol=1e-3)
+    with pytest.raises(ValueError, match=r"solver 'dopri5' has no option 'tol': it takes \['rtol', 'atol'\]"):
+        make_solver("dopri5", tol=1e-3)
+    for bad in (0.0, -1e-3, "1e-3", True):
+        with pytest.raises(ValueError, match="rtol=.*expected a positive number"):
+            make_solver("dopri5", rtol=bad)
+
+
+# ---------------------------------------------------------------------------------
+# Adaptive solvers
+# ---------------------------------------------------------------------------------
+
+
+def tolerance_scale(tol: float, exact: Tensor) -> Tensor:
+    """``atol + rtol |x|`` with atol = rtol = tol: the error a step is allowed, per element."""
+    return tol * (1.0 + exact.abs())
+
+
+@pytest.mark.parametrize("field", sorted(FIELDS))
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_error_is_within_the_tolerance_and_nfe_grows_as_it_tightens(name, field):
+    fn, exact = FIELDS[field]
+    tolerances = [1e-4, 1e-6, 1e-8]
+    nfes = []
+    for tol in tolerances:
+        seen: list[Tensor] = []
+
+        def counted(x: Tensor, t: Tensor) -> Tensor:
+            assert t.shape == (x.shape[0],) and t.dtype == x.dtype
+            seen.append(t[0].clone())
+            return fn(x, t)
+
+        result = make_solver(name, rtol=tol, atol=tol).solve(counted, X0)
+        ratio = float(((result.x - exact(X0)).abs() / tolerance_scale(tol, exact(X0))).max())
+        # Local control keeps the global error within a small multiple of the tolerance
+        # (measured: at most 3.2, bosh3 on the linear field).
+        assert ratio < 10.0, (name, field, tol, ratio)
+        assert result.nfe == len(seen) > 0
+        assert all(0.0 <= float(t) <= 1.0 for t in seen)  # never past t=1, where a model was not trained
+        nfes.append(result.nfe)
+    assert nfes == sorted(nfes) and nfes[-1] > nfes[0], (name, field, nfes)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_trajectory_is_error_controlled_at_every_reported_time(name):
+    tol = 1e-6
+    result = make_solver(name, rtol=tol, atol=tol).solve(FIELDS["x_cos_t"][0], X0, num_steps=4, return_trajectory=True)
+    assert result.trajectory[0] is X0 and len(result.trajectory) == 5
+    assert torch.allclose(result.times, torch.linspace(0, 1, 5, dtype=torch.float64))
+    for x, t in zip(result.trajectory, result.times):
+        exact = AT["x_cos_t"](X0, float(t))
+        assert float(((x - exact).abs() / tolerance_scale(tol, exact)).max()) < 10.0, (name, float(t))
+    assert torch.equal(result.trajectory[-1], result.x)  # the same stored state, not a recomputation
+    assert make_solver(name).solve(FIELDS["linear"][0], X0, num_steps=4).trajectory is None
+
+
+def test_adaptive_tolerance_holds_for_every_sample_of_a_batch():
+    """One hard sample among easy ones gets the steps it needs alone: the step-size norm
+    is the worst sample's, not the batch average (which would let it drift)."""
+    rates = torch.zeros(64, 1, dtype=torch.float64)
+    rates[0] = 4.0  # dx/dt = 4 x for the first sample, 0 for the rest
+    batch = torch.ones(64, 2, dtype=torch.float64)
+    solver = make_solver("dopri5", rtol=1e-6, atol=1e-6)
+    together = solver.solve(lambda x, t: rates * x, batch)
+    alone = solver.solve(lambda x, t: 4.0 * x, batch[:1])
+    assert together.nfe == alone.nfe
+    torch.testing.assert_close(together.x[:1], alone.x, rtol=1e-12, atol=0.0)
+    assert float((together.x[0] - math.exp(4.0)).abs().max()) < 10 * 1e-6 * (1 + math.exp(4.0))
+
+
+def test_adaptive_float32_state_stays_float32():
+    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    result = make_solver("dopri5").solve(lambda x, t: -x, x0)
+    assert result.x.dtype == torch.float32
+    torch.testing.assert_close(result.x, x0 * math.exp(-1.0), rtol=1e-4, atol=1e-4)
+
+
 class FieldModel(nn.Module):
     """A 'network' on the unified input that returns a known mean velocity u(x_s, s, t)
     of dx/dt = a x: (e^{a(t-s)} - 1) / (t - s) x_s, which is a x_s at s = t."""
@@ -98,6 +188,14 @@ class FieldModel(nn.Module):
         dt = (t - s)[:, None]
         rate = torch.where(dt == 0, torch.full_like(dt, self.a), torch.expm1(self.a * dt) / torch.where(dt == 0, 1.0, dt))
         return rate * x
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_sample_flow_with_an_adaptive_solver(name):
+    result = sample_flow(FieldModel(0.7), X0, solver=name)
+    exact = X0 * math.exp(0.7)
+    assert float(((result.samples - exact).abs() / tolerance_scale(1e-5, exact)).max()) < 10.0
+    assert result.nfe > 0
 
 
 @pytest.mark.parametrize("name", sorted(ORDERS))

@@ -1,17 +1,14 @@
-"""The training loop and the eval-only mode. Nothing here is model-, loss- or data-specific.
+"""The training loop: the step, the schedule, the checkpoint cadence and the logging.
 
-    run(cfg) ─┬─ eval_checkpoint set → evaluate_checkpoint: rebuild, evaluate, print, JSON
-              └─ otherwise           → Trainer(cfg).fit(): per step
-                    train_step (loss → backward → clip → optimizer → EMA)
-                    → at boundaries: log, evaluate (EMA weights), snapshot (last.pt / archive)
+    run(cfg) ─┬─ eval_checkpoint set → evaluation.evaluator.evaluate_checkpoint
+              └─ otherwise → Trainer(cfg).fit(): train_step (loss → backward → clip →
+                 optimizer → EMA), then at boundaries log, evaluate (EMA), snapshot
 
-The loss owns its times and says how its model samples; the data package builds the
-data sets and the epoch's loader; ``models/runs.py`` owns the run's files;
-``evaluation/`` scores and draws. Exact resume: epoch e's data order comes from a
-generator seeded by (seed, e) and resumes at the next batch, evaluation draws from its
-own generators, and the global RNG states are saved with each checkpoint, so a run
-stopped at any checkpoint (every N steps, every N epochs, on SIGTERM) and resumed gives
-bit-identical weights on the CPU.
+The loss owns its times and says how its model samples, the data package builds the
+data, ``models/runs.py`` owns the run's files, ``evaluation/`` scores and draws. Exact
+resume: epoch e's order is fixed by (seed, e) and continues at the next batch, and the
+RNG states are saved with each checkpoint (every N steps or epochs, on SIGTERM/SIGUSR1),
+so a stopped and resumed run ends with bit-identical weights on the CPU.
 """
 
 from __future__ import annotations
@@ -34,23 +31,14 @@ from tqdm import tqdm
 from dataloaders.base_dataloaders import make_dataset, make_train_loader
 from evaluation.device_metrics import DeviceMonitor
 from evaluation.evaluator import Evaluator, evaluate_checkpoint
-from evaluation.plots import save_grid, save_plot
 from losses.base_loss import build_loss
 from models.checkpoint import build_model, read_checkpoint, save_checkpoint, unwrap
 from models.ema import EMA
 from models.jvp import rewound_rng
-from models.runs import RunError, RunLayout, TrainingFailed, process_group, resolve_device, rng_state, seed_everything, set_rng_state
+from models.runs import Preempted, RunError, RunLayout, TrainingFailed, process_group, resolve_device, rng_state, seed_everything, set_rng_state
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before they take a job's machine
-
-
-class Preempted(RunError):
-    """Stopped by a signal after writing a checkpoint; exit status 128 + the signal number."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 class LossModule(nn.Module):
@@ -91,7 +79,8 @@ class Trainer:
         if world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)  # one GPU per process, picked by torchrun
         self.layout = RunLayout.of(cfg)
-        resume_state = self._check_run_folder()
+        resume_from = self.layout.start(cfg.resume, cfg.overwrite)  # refuses to clobber another run
+        resume_state = read_checkpoint(resume_from) if resume_from is not None else None
         seed_everything(cfg.seed + rank)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -138,22 +127,13 @@ class Trainer:
 
     # --- run folder ------------------------------------------------------------------
 
-    def _check_run_folder(self) -> dict | None:
-        """Refuse to clobber an existing run; find the checkpoint to resume from."""
-        cfg, last = self.cfg, self.layout.last
-        if cfg.resume:
-            if not last.exists():
-                raise RunError(f"resume=true but run {cfg.run_name!r} has no checkpoint at {last}: drop resume=true to start it")
-            return read_checkpoint(last)
-        if last.exists() and not cfg.overwrite:
-            raise RunError(f"run {cfg.run_name!r} already has {last}: pass resume=true to continue it, "
-                           "overwrite=true to start over (the old last.pt is archived), or choose another run_name")
-        return None
+    def _check_same_model(self, state: dict, what: str) -> None:
+        ours, saved = OmegaConf.to_container(self.cfg.model, resolve=True), state["config"]["model"]
+        if ours != saved:
+            raise RunError(f"{what}: the checkpoint's model {saved} differs from this run's {ours}: use the same model settings")
 
     def _restore(self, state: dict) -> None:
-        saved_model = state["config"]["model"]
-        if OmegaConf.to_container(self.cfg.model, resolve=True) != saved_model:
-            raise RunError(f"resume=true but model config differs from the checkpoint's ({saved_model}): resume with the same model settings")
+        self._check_same_model(state, "resume=true")
         for target, key in ((self.model, "model"), (self.ema, "ema"), (self.optimizer, "optimizer"),
                             (self.scheduler, "scheduler"), (self.scaler, "scaler")):
             target.load_state_dict(state[key])
@@ -170,9 +150,7 @@ class Trainer:
     def _init_from(self, path: str) -> None:
         """Start from another run's weights (model and EMA), e.g. a flow-matching run seeding MeanFlow."""
         state = read_checkpoint(path)
-        if OmegaConf.to_container(self.cfg.model, resolve=True) != state["config"]["model"]:
-            raise RunError(f"init_from={path}: its model {state['config']['model']} differs from this run's "
-                           f"{OmegaConf.to_container(self.cfg.model, resolve=True)}: use the same model settings")
+        self._check_same_model(state, f"init_from={path}")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
 
@@ -235,11 +213,9 @@ class Trainer:
 
     def evaluate(self) -> tuple[dict[str, float], object]:
         metrics, samples = self.evaluator(self.ema.module)
-        plot = None
-        if self.cfg.eval.plot and self.evaluator.is_image:
-            plot = save_grid({k: self.evaluator.to_images(v[:64]) for k, v in samples.items()}, self.layout.plot(self.epoch))
-        elif self.cfg.eval.plot:
-            plot = save_plot(samples, self.evaluator.held_out, self.layout.plot(self.epoch), f"{self.cfg.run_name} epoch {self.epoch}")
+        plot = self.layout.plot(self.epoch) if self.cfg.eval.plot else None
+        if plot is not None:
+            self.evaluator.picture(samples, plot, f"{self.cfg.run_name} epoch {self.epoch}")
         return metrics, plot
 
     def snapshot(self, archive: bool = False) -> None:
@@ -263,7 +239,8 @@ class Trainer:
         self.tracker = trackio
 
     def log(self, metrics: dict[str, float], plot=None) -> None:
-        summary = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("train", "eval"))
+        summary = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                            if k.split("/")[0] in ("train", "eval") and "/nfe" not in k)
         print(f"epoch {self.epoch}/{self.cfg.epochs} step {self.step}  {summary}", flush=True)
         if self.tracker is not None:
             logged = dict(metrics)
@@ -282,9 +259,8 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
-        if cfg.overwrite and self.layout.last.exists() and self.is_main:
-            self.layout.archive_dir.mkdir(parents=True, exist_ok=True)
-            self.layout.last.replace(self.layout.overwritten(time.strftime("%Y%m%d-%H%M%S")))
+        if cfg.overwrite and self.is_main:
+            self.layout.archive_last()  # the replaced run's last.pt is kept in archive/
         self._start_tracking()
         if self.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())

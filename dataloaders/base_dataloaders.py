@@ -279,4 +279,7 @@ def make_train_loader(cfg, dataset: Dataset, epoch: int, rank: int = 0, world: i
         collate_fn=collate_base_items,
         num_workers=cfg.num_workers,
         pin_memory=bool(cfg.dataloaders.get("pin_memory", False)),
+        # The iterator draws its workers' base seed from this generator, not from the
+        # global RNG: a loader made mid-epoch on resume must not shift the noise stream.
+        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
     )

@@ -12,6 +12,7 @@ reproduces what the run logged, and evaluation never shifts the training RNG str
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset
 
 from dataloaders.base_dataloaders import make_dataset, stack_targets
 from evaluation.energy_distance import energy_distance
+from evaluation.plots import save_grid, save_plot
 from losses.base_loss import BaseLoss, build_loss
 from models.checkpoint import load_model_from_checkpoint
 from models.runs import RunError, RunLayout, resolve_device
@@ -97,6 +99,12 @@ class Evaluator:
             return x.clamp(-1, 1)
         chunks = [self.vae.decode(x[i : i + 32].to(self.device)).float().cpu() for i in range(0, x.shape[0], 32)]
         return torch.cat(chunks).clamp(-1, 1)
+
+    def picture(self, samples: dict[str, Tensor], path: Path, title: str) -> Path:
+        """A grid of each sampler's first 64 images (decoded), or a scatter over the data."""
+        if self.is_image:
+            return save_grid({k: self.to_images(v[:64]) for k, v in samples.items()}, path)
+        return save_plot(samples, self.held_out, path, title)
 
     @torch.no_grad()
     def fid(self, model: nn.Module, sampler: Sampler) -> float:

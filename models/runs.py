@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,6 +39,14 @@ class TrainingFailed(RunError):
     """A run that started and had to stop (a non-finite loss, ranks out of sync): exit status 1."""
 
     exit_code = 1
+
+
+class Preempted(RunError):
+    """Stopped by a signal after writing a checkpoint; exit status 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,24 @@ class RunLayout:
 
     def overwritten(self, stamp: str) -> Path:
         return self.archive_dir / f"{self.run}_overwritten_{stamp}.pt"
+
+    def start(self, resume: bool, overwrite: bool) -> Path | None:
+        """Check that the run may start: the ``last.pt`` to resume from, or None for a fresh
+        run; refuses to clobber an existing run unless ``overwrite``."""
+        if resume:
+            if not self.last.exists():
+                raise RunError(f"resume=true but run {self.run!r} has no checkpoint at {self.last}: drop resume=true to start it")
+            return self.last
+        if self.last.exists() and not overwrite:
+            raise RunError(f"run {self.run!r} already has {self.last}: pass resume=true to continue it, "
+                           "overwrite=true to start over (the old last.pt is archived), or choose another run_name")
+        return None
+
+    def archive_last(self) -> None:
+        """Move ``last.pt`` (if any) to ``archive/<run>_overwritten_<time>.pt``."""
+        if self.last.exists():
+            self.archive_dir.mkdir(parents=True, exist_ok=True)
+            self.last.replace(self.overwritten(time.strftime("%Y%m%d-%H%M%S")))
 
     def archived(self) -> list[tuple[int, Path]]:
         """``(epoch, path)`` of this run's archived epoch checkpoints, by epoch."""

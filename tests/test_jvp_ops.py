@@ -190,3 +190,14 @@ def test_flash_attention_jvp_matches_the_closed_form_on_cuda():
     ref_out, ref_dout = jvp(attention, (q, k, v), tuple(tangents))
     torch.testing.assert_close(out, ref_out, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(dout, ref_dout, rtol=2e-3, atol=2e-3)
+
+
+def test_compiled_path_group_norm_equals_the_builtin():
+    from models.layers import group_norm_composite
+
+    norm = perturbed(GroupNorm(3, 6))
+    x, tx = gen_like((2, 6, 4, 4), 40), gen_like((2, 6, 4, 4), 41)
+    composite = lambda a: group_norm_composite(a, 3, norm.weight, norm.bias, norm.eps)  # noqa: E731
+    builtin = lambda a: F.group_norm(a, 3, norm.weight, norm.bias, norm.eps)  # noqa: E731
+    for a, b in zip(jvp(composite, (x,), (tx,)), jvp(builtin, (x,), (tx,)), strict=True):
+        torch.testing.assert_close(a, b)

@@ -18,10 +18,11 @@ instantiates anything but the project's own classes:
 - unpickling is ``weights_only=True`` (tensors and plain containers only);
 - the embedded config must be plain data (numbers, strings, booleans, null, lists and
   mappings of them; no interpolations, since it was stored resolved);
-- the model is built by ``instantiate_allowed``: its ``_target_`` must be a class
-  defined in a module of this repository under ``models.``, called with plain
-  keyword arguments (no nested ``_target_``), so a config cannot reach e.g.
-  ``torch.load(..., weights_only=False)`` or ``os.system``.
+- the model is built by ``instantiate_allowed``: its ``_target_`` must be a
+  ``BaseModel`` subclass defined in a module of this repository under ``models.``,
+  called with plain keyword arguments (no nested ``_target_``), so a config cannot
+  reach e.g. ``torch.load(..., weights_only=False)``, ``os.system`` or the VAE's hub
+  download.
 """
 
 import hashlib
@@ -42,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from models.base_model import BaseModel
 from models.runs import RunError
 
 REQUIRED_KEYS = ("model", "ema", "step", "epoch", "config")
@@ -107,8 +109,9 @@ def allowed_class(target: object, allowed_prefixes: tuple[str, ...], what: str, 
     neither another package of the same name on ``sys.path`` nor an attribute chain
     through an import (``models.checkpoint.torch.load``) is reachable.
     """
+    kind = f"a {base.__name__} subclass" if base is not None else "a class"
     refused = CheckpointError(
-        f"{what} config _target_={str(target)[:80]!r} is refused: a {what} must be a class defined in this "
+        f"{what} config _target_={str(target)[:80]!r} is refused: a {what} must be {kind} defined in this "
         f"project under {' or '.join(allowed_prefixes)} (as the configs/{what}/*.yaml files name them)"
     )
     if not isinstance(target, str) or not target.startswith(allowed_prefixes):
@@ -127,7 +130,7 @@ def allowed_class(target: object, allowed_prefixes: tuple[str, ...], what: str, 
     # Defined there under that name (not imported into it), and a class, not a function.
     if not (inspect.isclass(obj) and obj.__module__ == module_name and obj.__qualname__ == name):
         raise refused
-    if base is not None and not issubclass(obj, base):
+    if inspect.isabstract(obj) or (base is not None and not issubclass(obj, base)):
         raise refused
     return obj
 
@@ -158,12 +161,12 @@ def instantiate_allowed(
     return cls(**kwargs)
 
 
-def build_model(model_cfg: DictConfig | dict) -> nn.Module:
-    """Instantiate a model from its config group node through the allowlist (the
-    ``name`` key names the architecture for checkpoint paths and is not a constructor
-    argument)."""
+def build_model(model_cfg: DictConfig | dict) -> BaseModel:
+    """Instantiate a model from its config group node through the allowlist: a
+    ``BaseModel`` subclass under ``models.`` (the ``name`` key names the architecture
+    for checkpoint paths and is not a constructor argument)."""
     kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
-    return instantiate_allowed(kwargs, MODEL_PREFIXES, "model", base=nn.Module)
+    return instantiate_allowed(kwargs, MODEL_PREFIXES, "model", base=BaseModel)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -62,6 +62,8 @@ def hostile_models(tmp_path: Path) -> dict[str, dict]:
         "through_an_import": {"_target_": "models.checkpoint.torch.load", **reload_unsafely},
         "project_function": {"_target_": "models.checkpoint.save_checkpoint", "state": {}, "path": str(marker)},
         "not_a_model_class": {"_target_": "models.runs.RunLayout", "output_dir": str(marker), "arch": "a", "run": "b"},
+        "not_a_velocity_model": {"_target_": "models.vae.vae.SDVAE", "pretrained": "someone/else"},  # would download
+        "abstract_base": {"_target_": "models.base_model.BaseModel"},
         "nested_target": {**mlp, "activation": {"_target_": "torch.load", **reload_unsafely}},
         "nested_in_a_list": {**mlp, "hidden": [{"_target_": "torch.load", **reload_unsafely}]},
         "partial": {"_target_": "torch.load", "_partial_": True, **reload_unsafely},
@@ -75,6 +77,8 @@ NEEDLES = {
     "through_an_import": "_target_='models.checkpoint.torch.load' is refused",
     "project_function": "_target_='models.checkpoint.save_checkpoint' is refused",
     "not_a_model_class": "_target_='models.runs.RunLayout' is refused",
+    "not_a_velocity_model": "_target_='models.vae.vae.SDVAE' is refused",
+    "abstract_base": "_target_='models.base_model.BaseModel' is refused",
     "nested_target": "model.activation._target_ is refused",
     "nested_in_a_list": "model.hidden[0]._target_ is refused",
     "partial": "_partial_",

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
 
-from models.checkpoint import EXPORT_CONFIG, EXPORT_KINDS, EXPORT_WEIGHTS, read_checkpoint, write_export  # noqa: E402
-from models.runs import RunError, find_runs  # noqa: E402
+from models.checkpoint import EXPORT_CONFIG, EXPORT_KINDS, EXPORT_WEIGHTS, read_checkpoint, write_export
+from models.runs import RunError, find_runs
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 

@@ -118,7 +118,7 @@ def test_fid_zero_for_identical_sets_and_grows_with_shift(tmp_path):
     extractor = PoolFeatures()
     real = smooth_images(40, seed=4)
     write_png_folder(real, tmp_path)
-    kwargs = dict(feature_extractor=extractor, device="cpu", batch_size=20)
+    kwargs = {"feature_extractor": extractor, "device": "cpu", "batch_size": 20}
     same = compute_fid(real, str(tmp_path), **kwargs)
     small = compute_fid((real + 0.1).clamp(-1, 1), str(tmp_path), **kwargs)
     large = compute_fid((real + 0.3).clamp(-1, 1), str(tmp_path), **kwargs)

@@ -122,14 +122,15 @@ def test_adaptive_error_is_within_the_tolerance_and_nfe_grows_as_it_tightens(nam
     fn, exact = FIELDS[field]
     tolerances = [1e-4, 1e-6, 1e-8]
     nfes = []
+    seen: list[Tensor] = []
+
+    def counted(x: Tensor, t: Tensor) -> Tensor:
+        assert t.shape == (x.shape[0],) and t.dtype == x.dtype
+        seen.append(t[0].clone())
+        return fn(x, t)
+
     for tol in tolerances:
-        seen: list[Tensor] = []
-
-        def counted(x: Tensor, t: Tensor) -> Tensor:
-            assert t.shape == (x.shape[0],) and t.dtype == x.dtype
-            seen.append(t[0].clone())
-            return fn(x, t)
-
+        seen.clear()
         result = make_solver(name, rtol=tol, atol=tol).solve(counted, X0)
         ratio = float(((result.x - exact(X0)).abs() / tolerance_scale(tol, exact(X0))).max())
         # Local control keeps the global error within a small multiple of the tolerance

@@ -232,10 +232,11 @@ class Trainer:
             return
         import trackio
 
-        config = OmegaConf.to_container(self.cfg, resolve=True)
+        config, system = OmegaConf.to_container(self.cfg, resolve=True), self.cfg.trackio.system_metrics
         config["command"] = " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("launcher.py") else ""
         trackio.init(project=self.cfg.trackio.project, name=self.cfg.run_name, config=config,
-                     resume="must" if self.cfg.resume else "never", embed=False, auto_log_gpu=False, auto_log_cpu=False)
+                     resume="must" if self.cfg.resume else "never", embed=False,
+                     auto_log_gpu=None if system else False, auto_log_cpu=None if system else False)  # None: trackio detects
         self.tracker = trackio
 
     def log(self, metrics: dict[str, float], plot=None) -> None:

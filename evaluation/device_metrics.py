@@ -1,22 +1,25 @@
-"""Device and process metrics, read once per epoch by the training loop.
+"""Device and process metrics that trackio does not collect, read once per epoch.
 
-``DeviceMonitor(device)`` picks what applies to the device and returns flat
-``{name: float}`` dicts ready for ``trackio.log``:
+trackio's own collectors (``trackio.init(auto_log_gpu=..., auto_log_cpu=...)``, on when
+``trackio.system_metrics=true``) fill its "System Metrics" page: NVIDIA GPUs through
+NVML (utilisation, memory, power, temperature, clocks), Apple GPUs through ioreg, and
+the machine's CPU, RAM, disk and network. What they lack is here, each in one place.
+``DeviceMonitor(device)`` returns flat ``{name: float}`` dicts ready for ``trackio.log``:
 
 - everywhere: ``proc/rss_mb`` (resident memory of this process) and
   ``proc/cpu_pct`` (CPU use of this process since the previous read; can pass 100
   with several busy cores), from psutil;
-- CUDA: ``cuda/allocated_mb`` (tensors alive now), ``cuda/peak_mb`` (the peak
-  since the previous read: the peak counter is reset at each read, so every epoch
-  gets its own), and from NVML ``gpu/util_pct``, ``gpu/power_w``, ``gpu/temp_c``;
+- CUDA: torch's allocator, ``cuda/allocated_mb`` (tensors alive now) and
+  ``cuda/peak_mb`` (the peak since the previous read: the peak counter is reset at
+  each read, so every epoch gets its own);
 - Apple MPS: ``mps/allocated_mb`` (tensors alive now), ``mps/driver_mb`` (all the
   Metal driver holds, caches included), and from ``macmon pipe`` the 5-second
   rolling means ``gpu/util_pct``, ``gpu/freq_mhz``, ``gpu/power_w``, ``gpu/temp_c``.
 
 macOS offers no sudo-less GPU counters to Python, so ``macmon`` (a small Rust tool,
 ``brew install macmon``) runs as a child process printing one JSON object per
-sample; a background thread parses them. A missing ``macmon`` or NVML library
-gives one warning and the run goes on without those keys; a ``macmon`` that dies
+sample; a background thread parses them. A missing ``macmon`` gives one warning
+and the run goes on without those keys; a ``macmon`` that dies
 mid-run has what it printed reported once, then a warning.
 """
 
@@ -31,7 +34,6 @@ import time
 from collections import deque
 
 import psutil
-import pynvml
 import torch
 
 log = logging.getLogger(__name__)
@@ -175,43 +177,6 @@ def _mean_by_key(samples: list[dict[str, float]]) -> dict[str, float]:
     return {key: sums[key] / counts[key] for key in sums}
 
 
-class NvmlReader:
-    """Utilisation, power and temperature of one CUDA device through NVML.
-
-    NVML numbers devices physically while CUDA honours ``CUDA_VISIBLE_DEVICES``,
-    so the handle is found by the PCI bus id that torch reports for the device.
-    """
-
-    def __init__(self, device_index: int):
-        self.device_index = device_index
-        self._handle = None
-
-    def start(self) -> None:
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError as err:  # no driver library (a container, a CPU box)
-            log.warning("NVML unavailable (%s): gpu/util_pct, gpu/power_w, gpu/temp_c are off for this run", err)
-            return
-        props = torch.cuda.get_device_properties(self.device_index)
-        bus_id = f"{props.pci_domain_id:x}:{props.pci_bus_id:x}:{props.pci_device_id:x}.0"
-        self._handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
-
-    def read(self) -> dict[str, float]:
-        if self._handle is None:
-            return {}
-        return {
-            # percent of the last sample period (1/6 s to 1 s, driver-chosen) a kernel ran
-            "gpu/util_pct": float(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu),
-            "gpu/power_w": pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0,  # mW -> W
-            "gpu/temp_c": float(pynvml.nvmlDeviceGetTemperature(self._handle, pynvml.NVML_TEMPERATURE_GPU)),
-        }
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            pynvml.nvmlShutdown()
-            self._handle = None
-
-
 class DeviceMonitor:
     """What the training loop calls: ``start()`` once, ``read()`` per epoch, ``stop()``.
 
@@ -230,17 +195,12 @@ class DeviceMonitor:
         self.device = torch.device(device)
         self._process = psutil.Process()
         self._macmon = MacmonSampler(macmon_command, window_s) if self.device.type == "mps" else None
-        self._nvml = None
-        if self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self._nvml = NvmlReader(index)
 
     def start(self) -> None:
         self._process.cpu_percent(None)  # the first call only sets the reference point
         if self._macmon is not None:
             self._macmon.start()
-        if self._nvml is not None:
-            self._nvml.start()
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def read(self) -> dict[str, float]:
@@ -257,12 +217,8 @@ class DeviceMonitor:
             metrics["mps/driver_mb"] = torch.mps.driver_allocated_memory() / MIB
         if self._macmon is not None:
             metrics.update(self._macmon.read())
-        if self._nvml is not None:
-            metrics.update(self._nvml.read())
         return metrics
 
     def stop(self) -> None:
         if self._macmon is not None:
             self._macmon.stop()
-        if self._nvml is not None:
-            self._nvml.stop()

@@ -381,7 +381,8 @@ def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu
     try:
         with safe_open(weights_path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f}
+            names = list(f.keys())  # safe_open is not iterable
+            tensors = {name: f.get_tensor(name) for name in names}
     except SafetensorError as err:
         raise CheckpointError(f"{source}: {EXPORT_WEIGHTS} is not a readable safetensors file (truncated or corrupt?): {_first_line(err)}") from None
     for key in ("epoch", "step"):

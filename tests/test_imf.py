@@ -1,0 +1,293 @@
+"""Improved MeanFlow: the compound prediction against float64 finite differences and a
+closed-form flow, the tangent along the model's own velocity, iMF's guidance form, its
+equivalence to MeanFlow with the conditional tangent, and the config."""
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from dataloaders.base_dataloaders import BaseItem, make_base_item, make_unified_flow_matching_input, split_unified_input
+from evaluation.sample import sample_meanflow
+from losses.base_loss import build_loss
+from losses.imf_loss import DEFAULT_TIME, IMFLoss
+from losses.meanflow_loss import MeanFlowLoss
+from models.flow_matching.mlp import MLP
+from solvers.sampling import DiagonalSampler, JumpSampler
+from tests.conftest import compose_train
+
+
+class TinyConv(nn.Module):
+    """A small conv mean-velocity field that reads both time channels."""
+
+    num_classes = 0
+
+    def __init__(self, channels: int = 2, hidden: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(channels + 2, hidden, 3, padding=1), nn.Tanh(), nn.Conv2d(hidden, channels, 3, padding=1))
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        _, s, t = split_unified_input(z)
+        return self.net(z) * (1 + torch.sin(3 * s) * t)[:, None, None, None]
+
+
+def times(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(n, generator=g, dtype=torch.float64) * 0.5
+    return s, s + 0.05 + torch.rand(n, generator=g, dtype=torch.float64) * 0.4
+
+
+def bcast(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_compound_prediction_matches_central_differences(kind: str) -> None:
+    """V = u - (t - s) du/ds along (u(x, s, s), 1, 0), the derivative by a float64
+    central difference of u(x + τ v_c, s + τ, t), independently of the loss's JVP."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, x = MLP(data_dim=3, hidden=32, depth=3, time_embed_dim=8).double(), torch.randn(5, 3, dtype=torch.float64)
+    else:
+        model, x = TinyConv().double(), torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    s, t = times(x.shape[0])
+    loss_fn = IMFLoss(p=0.0)
+    tangent, v_g = loss_fn.tangent_and_guided_velocity(model, x, s, t, torch.zeros_like(x), None, None)
+    with torch.no_grad():
+        v_c = model(make_unified_flow_matching_input(x, s, s))
+    assert torch.equal(tangent, v_c)  # the model's own instantaneous velocity
+    assert torch.equal(v_g, torch.zeros_like(x))  # unguided: the target is the given velocity
+    big_v = loss_fn.compound_prediction(model, x, s, t, tangent, None)
+    h = 1e-6
+    with torch.no_grad():
+        plus = model(make_unified_flow_matching_input(x + h * v_c, s + h, t))
+        minus = model(make_unified_flow_matching_input(x - h * v_c, s - h, t))
+        u = model(make_unified_flow_matching_input(x, s, t))
+    expected = u - bcast(t - s, x) * (plus - minus) / (2 * h)
+    rel = (big_v.detach() - expected).norm() / expected.norm()
+    assert rel < 1e-7, f"relative error {rel:.2e}"
+
+
+def test_only_u_carries_the_gradient() -> None:
+    """sg(du/ds): the gradient of V is the gradient of u alone (paper: V = u + (t - r) sg(du/dt))."""
+    torch.manual_seed(0)
+    model = MLP(data_dim=2, hidden=16, depth=2).double()
+    x = torch.randn(6, 2, dtype=torch.float64)
+    s, t = times(6)
+    loss_fn = IMFLoss(p=0.0, jvp_mode="fused")
+    tangent, _ = loss_fn.tangent_and_guided_velocity(model, x, s, t, x, None, None)
+    grads_v = torch.autograd.grad(loss_fn.compound_prediction(model, x, s, t, tangent, None).sum(), list(model.parameters()))
+    grads_u = torch.autograd.grad(model(make_unified_flow_matching_input(x, s, t)).sum(), list(model.parameters()))
+    for gv, gu in zip(grads_v, grads_u, strict=True):
+        assert torch.allclose(gv, gu, atol=1e-12)
+
+
+class ExactGaussianFlow(nn.Module):
+    """The exact mean velocity for data N(mu, sigma^2 I) and noise N(0, I), defined on the
+    diagonal too: x_t ~ N(t mu, k(t)^2) with k^2 = (1 - t)^2 + t^2 sigma^2, the flow map
+    psi_{s->t}(x) = t mu + k(t)/k(s) (x - s mu), u = (psi - x)/(t - s), u(x, s, s) = v(x, s)."""
+
+    num_classes = 0
+
+    def __init__(self, mu: float, sigma: float) -> None:
+        super().__init__()
+        self.mu, self.sigma = mu, sigma
+
+    def k(self, t: Tensor) -> Tensor:
+        return torch.sqrt((1 - t) ** 2 + t**2 * self.sigma**2)
+
+    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        dk = (-(1 - t) + t * self.sigma**2) / self.k(t)
+        return self.mu + (dk / self.k(t))[:, None] * (x - t[:, None] * self.mu)
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        x, s, t = split_unified_input(z)
+        gap = t - s
+        diagonal = gap == 0
+        psi = t[:, None] * self.mu + (self.k(t) / self.k(s))[:, None] * (x - s[:, None] * self.mu)
+        mean = (psi - x) / torch.where(diagonal, torch.ones_like(gap), gap)[:, None]
+        return torch.where(diagonal[:, None], self.velocity(x, s), mean)
+
+
+def test_compound_prediction_of_a_closed_form_flow_is_its_velocity() -> None:
+    """For the exact mean flow, V along the model's own velocity is the marginal velocity
+    v(x, s) (iMF's premise: V estimates v), through the training code path in float32."""
+    torch.manual_seed(1)
+    model = ExactGaussianFlow(mu=1.5, sigma=0.3)
+    x = torch.randn(64, 2, dtype=torch.float64)
+    s, t = times(64, seed=1)
+    loss_fn = IMFLoss(p=0.0)
+    tangent, _ = loss_fn.tangent_and_guided_velocity(model, x, s, t, x, None, None)
+    assert torch.allclose(tangent, model.velocity(x, s), atol=1e-12)
+    big_v = loss_fn.compound_prediction(model, x.float(), s.float(), t.float(), tangent.float(), None)
+    assert torch.allclose(big_v.double(), model.velocity(x, s), rtol=1e-4, atol=1e-4)
+    # MeanFlow's tangent, a one-sample velocity x_1 - x_0, does not give v: the check can fail
+    noisy = model.velocity(x, s) + torch.randn_like(x)
+    wrong = loss_fn.compound_prediction(model, x, s, t, noisy, None)
+    assert not torch.allclose(wrong, model.velocity(x, s), atol=1e-2)
+
+
+def make_batch(n: int = 32, dim: int = 2, seed: int = 0, labels: bool = False) -> BaseItem:
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(n, dim, generator=g) * 2
+    x0 = torch.randn(n, dim, generator=g)
+    label = torch.randint(4, (n,), generator=g) if labels else None
+    return make_base_item(x1, x0, torch.rand(n, generator=g), label)
+
+
+def loss_and_grads(loss_fn: nn.Module, seed: int = 3) -> tuple[Tensor, list[Tensor]]:
+    torch.manual_seed(123)
+    model = MLP(data_dim=2, hidden=32, depth=3)
+    torch.manual_seed(seed)
+    loss = loss_fn(model, make_batch())
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_conditional_tangent_is_meanflow() -> None:
+    """With MeanFlow's tangent the v-loss is MeanFlow's loss (same law, weight, seed):
+    ||V - v||² = ||u - sg(v + (t - s) du/ds)||², and so are the gradients."""
+    law = DEFAULT_TIME | {"name": "meanflow_jax", "ratio": 0.75}
+    loss_a, grads_a = loss_and_grads(IMFLoss(time=law, p=0.75, eps=1e-3, tangent="conditional"))
+    loss_b, grads_b = loss_and_grads(MeanFlowLoss(time=law, p=0.75, eps=1e-3))
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-7)
+    # and the predicted tangent (iMF) changes the objective: the comparison is not vacuous
+    loss_c, _ = loss_and_grads(IMFLoss(time=law, p=0.75, eps=1e-3))
+    assert not torch.allclose(loss_a, loss_c)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_and_separate_agree(dropout: float) -> None:
+    def run(mode: str) -> tuple[Tensor, list[Tensor]]:
+        torch.manual_seed(123)
+        model = MLP(data_dim=2, hidden=32, depth=3, dropout=dropout)
+        torch.manual_seed(0)
+        loss = IMFLoss(jvp_mode=mode)(model, make_batch())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (loss_a, grads_a), (loss_b, grads_b) = run("fused"), run("separate")
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_is_the_weighted_v_loss() -> None:
+    """The scalar against an independent computation from the same draws: per sample
+    ||V - v||² summed over dimensions, divided by sg(that + eps)^p, averaged."""
+    torch.manual_seed(0)
+    model = MLP(data_dim=2, hidden=16, depth=2)
+    batch = make_batch()
+    loss_fn = IMFLoss(p=1.0, eps=0.01)
+    torch.manual_seed(4)
+    loss = loss_fn(model, batch)
+    torch.manual_seed(4)
+    s, t = loss_fn.pair_sampler.sample(32, torch.device("cpu"))
+    assert (s == t).sum() == 16  # imeanflow: the first half of the rows are s = t
+    x0, x1 = batch.raw_source, batch.raw_target
+    x_s = (1 - s[:, None]) * x0 + s[:, None] * x1
+    with torch.no_grad():
+        v_c = model(make_unified_flow_matching_input(x_s, s, s))
+    _, dudt = torch.func.jvp(lambda z: model(z), (make_unified_flow_matching_input(x_s, s, t),),
+                             (make_unified_flow_matching_input(v_c, torch.ones_like(s), torch.zeros_like(t)),))
+    with torch.no_grad():
+        big_v = model(make_unified_flow_matching_input(x_s, s, t)) - (t - s)[:, None] * dudt
+    err = (big_v - (x1 - x0)).pow(2).sum(dim=1)
+    assert torch.allclose(loss.detach(), (err / (err + 0.01)).mean(), rtol=1e-5)
+
+
+class LabelField(nn.Module):
+    """u = label (as a float) on every dimension: v_c and v_u are read off the output."""
+
+    num_classes = 4
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        x, _, _ = split_unified_input(z)
+        return torch.ones_like(x) * y[:, None].float()
+
+
+def test_guided_velocity_has_imf_form() -> None:
+    """v_g = v + (1 - 1/ω)(v_c - v_u) for kept labels with s in the interval or s = t,
+    plain v for the others and for dropped labels; the tangent is v_c (with the label
+    before dropping, as the reference computes it)."""
+    loss_fn = IMFLoss(num_classes=4, class_drop_prob=0.1, cfg_omega=4.0, cfg_interval=[0.0, 0.5])
+    x = torch.zeros(5, 2)
+    v = torch.full((5, 2), 3.0)
+    s = torch.tensor([0.1, 0.9, 0.8, 0.2, 0.3])
+    t = torch.tensor([0.6, 0.95, 0.8, 0.7, 0.3])
+    label = torch.tensor([1, 2, 3, 1, 2])
+    dropped = torch.tensor([False, False, False, True, False])
+    tangent, v_g = loss_fn.tangent_and_guided_velocity(LabelField(), x, s, t, v, label, dropped)
+    assert torch.equal(tangent[:, 0], label.float())
+    null = 4.0
+    scale = 1 - 1 / 4.0
+    expected = torch.tensor([3 + scale * (1 - null), 3.0, 3 + scale * (3 - null), 3.0, 3 + scale * (2 - null)])
+    assert torch.allclose(v_g[:, 0], expected)
+
+
+def test_samples_mixes_guidance_and_labels_in_a_step() -> None:
+    """A guided conditional step runs end to end and is finite (labels dropped at 10%)."""
+    torch.manual_seed(0)
+    model = MLP(data_dim=2, hidden=16, depth=2, num_classes=4)
+    loss = IMFLoss(num_classes=4, class_drop_prob=0.1, cfg_omega=2.0, cfg_interval=[0.2, 0.8])(model, make_batch(labels=True))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tangent": "sideways"}, "loss.tangent"),
+        ({"num_classes": 4, "class_drop_prob": 0.1, "cfg_omega": 0.5}, "cfg_omega"),
+        ({"cfg_omega": 2.0}, "unconditional"),
+        ({"time": DEFAULT_TIME | {"ratio": 2.0}}, "ratio"),
+        ({"eps": -1.0}, "loss.eps"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        IMFLoss(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_config_builds_the_reference_settings_and_samplers() -> None:
+    cfg = compose_train(["loss=imf"])
+    loss_fn = build_loss(cfg.loss)
+    assert isinstance(loss_fn, IMFLoss)
+    assert (loss_fn.p, loss_fn.eps, loss_fn.tangent) == (1.0, 0.01, "predicted")
+    assert type(loss_fn.pair_sampler).__name__ == "IMeanflowPairSampler" and loss_fn.pair_sampler.ratio == 0.5
+    samplers = loss_fn.samplers(cfg.eval, cfg.solver, cfg.model.num_classes)
+    jumps = {name: sm for name, sm in samplers.items() if isinstance(sm, JumpSampler)}
+    assert sorted(sm.steps for sm in jumps.values()) == sorted(cfg.eval.meanflow_steps)
+    diagonal = [sm for sm in samplers.values() if isinstance(sm, DiagonalSampler)]
+    assert len(diagonal) == 1 and not diagonal[0].fid  # the solver is a diagnostic, not what ships
+
+
+def test_training_improves_one_step_samples() -> None:
+    """A few hundred steps on 2-D Gaussian data bring one-step samples much closer."""
+    from evaluation.energy_distance import energy_distance
+
+    torch.manual_seed(0)
+    model = MLP(data_dim=2, hidden=64, depth=3)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    loss_fn = IMFLoss()
+    data = torch.randn(1000, 2) * 2 + torch.tensor([3.0, -1.0])
+
+    def one_step_distance() -> float:
+        with torch.no_grad():
+            samples = sample_meanflow(model, torch.randn(1000, 2, generator=torch.Generator().manual_seed(1))).samples
+        return energy_distance(samples, data)
+
+    before = one_step_distance()
+    for step in range(300):
+        g = torch.Generator().manual_seed(step)
+        x1 = torch.randn(256, 2, generator=g) * 2 + torch.tensor([3.0, -1.0])
+        loss = loss_fn(model, make_base_item(x1, torch.randn(256, 2, generator=g), torch.rand(256, generator=g)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert math.isfinite(loss.item())
+    assert one_step_distance() < 0.1 * before

@@ -120,7 +120,8 @@ def tolerance_scale(tol: float, exact: Tensor) -> Tensor:
 @pytest.mark.parametrize("name", ADAPTIVE)
 def test_adaptive_error_is_within_the_tolerance_and_nfe_grows_as_it_tightens(name, field):
     fn, exact = FIELDS[field]
-    tolerances = [1e-4, 1e-6, 1e-8]
+    # A second-order pair needs ~tol^(-1/2) steps: looser tolerances keep it to seconds.
+    tolerances = [1e-3, 1e-4, 1e-5] if name == "adaptive_heun" else [1e-4, 1e-6, 1e-8]
     nfes = []
     seen: list[Tensor] = []
 
@@ -167,6 +168,20 @@ def test_adaptive_tolerance_holds_for_every_sample_of_a_batch():
     assert together.nfe == alone.nfe
     torch.testing.assert_close(together.x[:1], alone.x, rtol=1e-12, atol=0.0)
     assert float((together.x[0] - math.exp(4.0)).abs().max()) < 10 * 1e-6 * (1 + math.exp(4.0))
+
+
+def test_adaptive_solvers_integrate_backward_too():
+    """From data at t=1 back to noise at t=0 (a decreasing grid), as the fixed-grid solvers do."""
+    x1 = X0 * math.exp(1.3)
+    seen: list[float] = []
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        seen.append(float(t[0]))
+        return 1.3 * x
+
+    result = make_solver("dopri5", rtol=1e-8, atol=1e-8).solve(fn, x1, times=torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert float(((result.x - X0).abs() / tolerance_scale(1e-8, X0)).max()) < 10.0
+    assert all(0.0 <= t <= 1.0 for t in seen)
 
 
 def test_adaptive_float32_state_stays_float32():

@@ -101,15 +101,19 @@ def plain_data(value, what: str, where: str, builders: bool = False, interpolati
     raise CheckpointError(f"{what} config value {where} is a {type(value).__name__}: a config holds {PLAIN} only")
 
 
-def allowed_class(target: object, allowed_prefixes: tuple[str, ...], what: str, base: type | None = None) -> type:
+def allowed_target(
+    target: object, allowed_prefixes: tuple[str, ...], what: str, base: type | None = None, functions: bool = False
+):
     """The class that ``target`` (a dotted path) names, if it is defined in a module of
-    this repository under one of ``allowed_prefixes`` (and subclasses ``base``).
+    this repository under one of ``allowed_prefixes`` (and subclasses ``base``); with
+    ``functions=True`` (and no ``base``) a function defined there too (a factory such as
+    ``dataloaders.points.make_dataset``).
 
     The module is located as a file of the repository before anything is imported, so
     neither another package of the same name on ``sys.path`` nor an attribute chain
     through an import (``models.checkpoint.torch.load``) is reachable.
     """
-    kind = f"a {base.__name__} subclass" if base is not None else "a class"
+    kind = f"a {base.__name__} subclass" if base is not None else "a class or function" if functions else "a class"
     refused = CheckpointError(
         f"{what} config _target_={str(target)[:80]!r} is refused: a {what} must be {kind} defined in this "
         f"project under {' or '.join(allowed_prefixes)} (as the configs/{what}/*.yaml files name them)"
@@ -127,24 +131,34 @@ def allowed_class(target: object, allowed_prefixes: tuple[str, ...], what: str, 
     if spec is None or spec.origin is None or Path(spec.origin).resolve() != source.resolve():
         raise refused
     obj = vars(importlib.import_module(module_name)).get(name)
-    # Defined there under that name (not imported into it), and a class, not a function.
-    if not (inspect.isclass(obj) and obj.__module__ == module_name and obj.__qualname__ == name):
+    # Defined there under that name (not imported into it), and a class (or, when
+    # asked for, a plain function), never a method, builtin or module.
+    callable_kind = inspect.isclass(obj) or (functions and base is None and inspect.isfunction(obj))
+    if not (callable_kind and obj.__module__ == module_name and obj.__qualname__ == name):
         raise refused
-    if inspect.isabstract(obj) or (base is not None and not issubclass(obj, base)):
+    if inspect.isclass(obj) and (inspect.isabstract(obj) or (base is not None and not issubclass(obj, base))):
         raise refused
     return obj
 
 
 def instantiate_allowed(
-    node: DictConfig | dict, allowed_prefixes: tuple[str, ...], what: str, base: type | None = None
+    node: DictConfig | dict,
+    allowed_prefixes: tuple[str, ...],
+    what: str,
+    base: type | None = None,
+    functions: bool = False,
+    extra: dict | None = None,
 ) -> object:
     """Build ``node`` (``_target_`` plus keyword arguments) if its target is one of the
-    project's own classes (``allowed_class``) and every argument is plain data.
+    project's own classes (``allowed_target``; factory functions too with
+    ``functions=True``) and every argument is plain data.
 
     Replaces ``hydra.utils.instantiate`` for configs that may come from a file: nothing
-    is imported or called before both checks pass, and the class is called directly, so
-    a constructor's one-line ``ValueError`` reaches the user as itself. Keys that are
-    not constructor arguments (a config group's ``name``) must be dropped by the caller.
+    is imported or called before both checks pass, and the target is called directly,
+    so a constructor's one-line ``ValueError`` reaches the user as itself. ``extra``
+    holds arguments the caller adds (``split="train"``), not read from the config and
+    not checked. Keys that are not arguments (a config group's ``name``) must be dropped
+    by the caller.
     """
     kwargs = plain_data(node, what, what, builders=True)
     if not isinstance(kwargs, dict):
@@ -153,12 +167,13 @@ def instantiate_allowed(
         raise CheckpointError(f"{what} config has no _target_: expected e.g. the _target_ of a configs/{what}/*.yaml file")
     target = kwargs.pop("_target_")
     plain_data(kwargs, what, what)  # no other builder key (_partial_, a nested _target_ ...) at any depth
-    cls = allowed_class(target, allowed_prefixes, what, base)
+    call = allowed_target(target, allowed_prefixes, what, base, functions)
+    kwargs |= extra or {}
     try:
-        inspect.signature(cls).bind(**kwargs)
+        inspect.signature(call).bind(**kwargs)
     except TypeError as err:  # a missing or unknown argument: one line, not a traceback
         raise CheckpointError(f"{what} config does not fit {target}: {err}") from None
-    return cls(**kwargs)
+    return call(**kwargs)
 
 
 def build_model(model_cfg: DictConfig | dict) -> BaseModel:
@@ -402,3 +417,12 @@ def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu
         "source": metadata.get("source", ""),
     }
     return model.to(device).eval(), OmegaConf.create(config), info
+
+
+def build_vae(data_cfg: DictConfig | dict, device: torch.device) -> nn.Module | None:
+    """The data set's VAE (latent data), through the allowlist since the config may come
+    from a checkpoint; None for data sets that have none."""
+    vae_cfg = data_cfg.get("vae")
+    if vae_cfg is None:
+        return None
+    return instantiate_allowed(vae_cfg, MODEL_PREFIXES, "vae", base=nn.Module).to(device)

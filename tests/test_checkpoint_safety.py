@@ -141,6 +141,21 @@ def test_the_project_classes_still_build_from_composed_and_stored_configs(tmp_pa
         instantiate_allowed({"_target_": "models.flow_matching.mlp.MLP", "data_dim": 2}, ("losses.",), "loss")
 
 
+def test_data_set_factories_from_a_stored_config(tmp_path):
+    """Data sets are built by factory functions (``dataloaders.<name>.make_dataset``)
+    with a split the caller adds; a stored config reaches nothing else."""
+    node = dict(tiny_state()["config"]["dataloaders"]["dataset"])
+    dataset = instantiate_allowed(node, ("dataloaders.",), "dataset", functions=True, extra={"split": "train"})
+    assert len(dataset) > 0
+    with pytest.raises(CheckpointError, match="a dataset must be a class defined"):  # factories only when asked for
+        instantiate_allowed(node, ("dataloaders.",), "dataset", extra={"split": "train"})
+    marker = tmp_path / "MARKER"
+    for target in ("dataloaders.base_dataloaders.instantiate", "torch.load", "models.checkpoint.save_checkpoint"):
+        with pytest.raises(CheckpointError, match=f"_target_='{target}' is refused"):
+            instantiate_allowed({"_target_": target, "path": str(marker)}, ("dataloaders.",), "dataset", functions=True)
+    assert not marker.exists()
+
+
 def test_wrong_arguments_and_weights_are_one_line(tmp_path):
     state = tiny_state()
     state["config"]["model"]["no_such_argument"] = 1

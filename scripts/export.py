@@ -5,8 +5,9 @@
     python scripts/export.py outputs/ckpts/mlp/archive/RUN_epoch_0040.pt --out shared/RUN_e40
     python scripts/export.py RUN --force                  # replace an earlier export
 
-RUN is a run name, looked up as ``<output-dir>/ckpts/<arch>/RUN/last.pt``, or the path
-of a checkpoint file. The folder (default ``<output-dir>/export/<run name>/``) gets
+RUN is a run name, looked up as ``<output-dir>/ckpts/<arch>/RUN/last.pt``, a run folder,
+or the path of a checkpoint file. The folder (default ``<output-dir>/export/<run name>/``,
+or ``<run name>_epoch_XXXX/`` for an archived epoch) gets
 
 - ``model.safetensors``: one set of weights (``--weights ema``, the default, or
   ``raw``), with ``epoch``, ``step``, which weights, the run name and a sha256 of the
@@ -41,6 +42,8 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 def find_checkpoint(run: str, output_dir: Path) -> Path:
     """``run`` as a checkpoint file, else as a run name under ``output_dir``."""
     as_path = Path(run).expanduser()
+    if as_path.is_dir() and (as_path / "last.pt").is_file():
+        return as_path / "last.pt"  # a run folder, outputs/ckpts/<arch>/<run>/
     if as_path.suffix == ".pt" or as_path.exists() or "/" in run:
         return as_path  # read_checkpoint names what is wrong with it
     ckpt_root = output_dir / "ckpts"
@@ -62,7 +65,8 @@ def export(run: str, output_dir: Path, out: Path | None, weights: str, force: bo
         run_name = str(state["config"].get("run_name", "")) if isinstance(state["config"], dict) else ""
         if not SAFE_NAME.fullmatch(run_name) or run_name in (".", ".."):
             raise RunError(f"checkpoint {str(path)!r} names the run {run_name!r}, which is no folder name: choose one with --out")
-        out = output_dir / "export" / run_name
+        # An archived epoch gets its own folder beside the run's latest export.
+        out = output_dir / "export" / (run_name if path.name == "last.pt" else f"{run_name}_epoch_{int(state['epoch']):04d}")
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {str(out)!r} is a file: expected a folder for {EXPORT_WEIGHTS} and {EXPORT_CONFIG}")
     taken = [name for name in (EXPORT_WEIGHTS, EXPORT_CONFIG) if (out / name).exists()]

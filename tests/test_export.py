@@ -71,6 +71,16 @@ def test_raw_weights_and_a_checkpoint_path(run, tmp_path, capsys):
     assert info["weights"] == "raw" and all(torch.equal(model.state_dict()[k], v) for k, v in raw.items())
 
 
+def test_archived_epochs_and_run_folders(run, capsys):
+    archive = run.archive(3)
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(run.last.read_bytes())
+    assert export(capsys, archive, "--output-dir", run.output_dir)[0] == 0
+    assert load_model_from_export(run.output_dir / "export" / "test_epoch_0003")[2]["epoch"] == 3
+    assert export(capsys, run.run_dir, "--output-dir", run.output_dir)[0] == 0  # the folder of last.pt
+    assert (run.output_dir / "export" / "test" / "model.safetensors").is_file()
+
+
 def test_an_export_is_never_replaced_without_force(run, capsys):
     assert export(capsys, "test", "--output-dir", run.output_dir)[0] == 0
     weights = run.output_dir / "export" / "test" / "model.safetensors"

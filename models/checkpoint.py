@@ -378,7 +378,8 @@ def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu
     """Rebuild the model of an export folder through the allowlist and load
     ``model.safetensors`` strictly, after checking its checksum.
 
-    Returns ``(model in eval mode, the config, {"epoch", "step", "weights", "run_name", "source"})``.
+    Returns ``(model in eval mode, the config, {"epoch", "step", "weights", "run_name",
+    "source", "weights_sha256"})``.
     """
     folder = Path(folder).expanduser()
     source = f"export folder {str(folder)!r}"
@@ -415,6 +416,7 @@ def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu
         "weights": metadata.get("weights", ""),
         "run_name": metadata.get("run_name", ""),
         "source": metadata.get("source", ""),
+        "weights_sha256": metadata["weights_sha256"],  # names these weights (e.g. for eval output)
     }
     return model.to(device).eval(), OmegaConf.create(config), info
 

@@ -15,6 +15,7 @@ from models.checkpoint import (
     load_model_from_export,
     read_checkpoint,
     save_checkpoint,
+    weights_digest,
 )
 from models.runs import RunLayout
 from scripts.export import main as export_main
@@ -54,6 +55,7 @@ def test_export_reloads_the_ema_model(run, capsys):
         assert torch.equal(exported.state_dict()[name], tensor), name  # a byte-for-byte copy of the EMA weights
     torch.testing.assert_close(outputs(exported), outputs(original))
     assert info["epoch"] == state["epoch"] == 3 and info["step"] == state["step"] == 24 and info["weights"] == "ema"
+    assert info["weights_sha256"] == weights_digest(state["ema"])
     assert OmegaConf.to_container(cfg) == OmegaConf.to_container(saved_cfg)
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         assert f.metadata()["run_name"] == "test" and f.metadata()["source"] == str(run.last)

@@ -113,16 +113,16 @@ class IMFLoss(MeanFlowLoss):
             v_c, v_u = (out.to(v.dtype) for out in conditional_and_null(model, z_diag, label, self.num_classes))
         elif self.tangent == "predicted":
             v_c, v_u = model(z_diag, label).to(v.dtype), None
-        else:
+        else:  # MeanFlow's tangent, nothing to evaluate
             v_c, v_u = None, None
-        tangent = v_c if self.tangent == "predicted" else v
         if v_u is None:
-            return tangent, v
+            return (v_c if self.tangent == "predicted" else v), v
         lo, hi = self.cfg_interval
         # pairs with s = t are guided everywhere (imf.py: v_g_fm has no interval)
         apply = ((s >= lo) & (s <= hi)) | (s == t)
         v_guided = v + (1 - 1 / self.cfg_omega) * (v_c - v_u)  # imf.py::guidance_fn
-        return tangent, torch.where(broadcast_time(apply & ~dropped, v), v_guided, v)
+        v_g = torch.where(broadcast_time(apply & ~dropped, v), v_guided, v)
+        return (v_c if self.tangent == "predicted" else v_g), v_g  # conditional: MeanFlow's guided tangent
 
     def compound_prediction(
         self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, tangent: Tensor, label: Tensor | None

@@ -159,6 +159,23 @@ def test_conditional_tangent_is_meanflow() -> None:
     assert not torch.allclose(loss_a, loss_c)
 
 
+def test_guided_conditional_tangent_is_meanflow_with_kappa() -> None:
+    """iMF's guidance v + (1 - 1/ω)(v_c - v_u) is MeanFlow's ω' v + κ u(c) + (1 - ω' - κ) u(∅)
+    with ω' = 1, κ = 1 - 1/ω: with the conditional tangent the two losses agree."""
+
+    def run(loss_fn: nn.Module) -> Tensor:
+        torch.manual_seed(123)
+        model = MLP(data_dim=2, hidden=32, depth=3, num_classes=4)
+        torch.manual_seed(3)
+        return loss_fn(model, make_batch(labels=True)).detach()
+
+    common = {"time": DEFAULT_TIME, "p": 0.0, "num_classes": 4, "class_drop_prob": 0.2}
+    imf = run(IMFLoss(**common, cfg_omega=4.0, tangent="conditional"))
+    meanflow = run(MeanFlowLoss(**common, cfg_omega=1.0, cfg_kappa=0.75))
+    assert torch.allclose(imf, meanflow, rtol=1e-6)
+    assert not torch.allclose(imf, run(IMFLoss(**common, cfg_omega=4.0)))  # the predicted tangent differs
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_and_separate_agree(dropout: float) -> None:
     def run(mode: str) -> tuple[Tensor, list[Tensor]]:

@@ -290,6 +290,15 @@ def stored_config(config: object, source: str) -> dict:
     return config
 
 
+def build_stored_model(config: dict, source: str) -> BaseModel:
+    """``build_model`` for a config read from ``source``: every refusal, and a
+    constructor's own ValueError, names the file it came from."""
+    try:
+        return build_model(config["model"])
+    except ValueError as err:  # CheckpointError included
+        raise CheckpointError(f"{source}: {err}") from None
+
+
 def load_weights(model: nn.Module, weights: object, source: str) -> None:
     """``model.load_state_dict(weights)`` (strict), after a one-line check of names and shapes."""
     if not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
@@ -331,7 +340,7 @@ def load_model_from_checkpoint(
     state = read_checkpoint(path)
     source = f"checkpoint {str(path)!r}"
     config = stored_config(state["config"], source)
-    model = build_model(config["model"])
+    model = build_stored_model(config, source)
     load_weights(model, state["ema" if use_ema else "model"], source)
     return model.to(device).eval(), OmegaConf.create(config), state
 
@@ -408,7 +417,7 @@ def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu
         raise CheckpointError(
             f"{source}: {EXPORT_WEIGHTS} does not match the checksum in its metadata (changed bytes); export it again"
         )
-    model = build_model(config["model"])
+    model = build_stored_model(config, source)
     load_weights(model, tensors, source)
     info = {
         "epoch": int(metadata["epoch"]),

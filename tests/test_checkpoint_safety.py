@@ -113,14 +113,20 @@ def test_a_hostile_model_config_is_refused_without_running_anything(tmp_path, ki
 
 
 @pytest.mark.slow
-def test_the_launcher_refuses_a_hostile_checkpoint_with_exit_2(tmp_path):
-    state = tiny_state()
-    state["config"]["model"] = hostile_models(tmp_path)["torch_load"]
+@pytest.mark.parametrize("kind", ["hostile", "directory"])
+def test_the_launcher_refuses_with_one_line_and_exit_2(tmp_path, kind):
     path = tmp_path / "hostile.pt"
-    save_checkpoint(state, path)
+    if kind == "hostile":
+        state = tiny_state()
+        state["config"]["model"] = hostile_models(tmp_path)["torch_load"]
+        save_checkpoint(state, path)
+    else:
+        path = tmp_path / "ckpts"
+        path.mkdir()
     result = launch([f"eval_checkpoint={path}", f"output_dir={tmp_path / 'out'}", "device=cpu"], cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "torch.load" in lines[0], result.stderr
+    needle = "_target_='torch.load' is refused" if kind == "hostile" else "is a directory"
+    assert result.returncode == 2 and len(lines) == 1 and needle in lines[0] and str(path) in lines[0], result.stderr
     assert not (tmp_path / "MARKER").exists()
     assert not (tmp_path / "out").exists()
 

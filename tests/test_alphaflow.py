@@ -2,6 +2,7 @@
 a closed-form flow, its limits (α = 1 is flow matching on the pairs, α -> 0 is MeanFlow's
 target, α = 0 is MeanFlow's JVP loss), the step count that resume needs, and the config."""
 
+import itertools
 import math
 
 import pytest
@@ -165,7 +166,7 @@ def test_small_alpha_target_tends_to_meanflows() -> None:
         normalised = (target - u.detach()) / alpha + u.detach()
         errors.append(((normalised - meanflow).norm() / meanflow.norm()).item())
     assert errors[0] < 0.05
-    for coarse, fine in zip(errors, errors[1:]):
+    for coarse, fine in itertools.pairwise(errors):
         assert 7 < coarse / fine < 13, errors  # first order in α
 
 
@@ -218,7 +219,7 @@ def test_closed_form_flow_defect_is_second_order_in_alpha() -> None:
     loss_fn = AlphaFlowLoss()
     defects = [((loss_fn.finite_step_target(model, x, s, t, model.velocity(x, s), None, a) - u).norm() / a).item()
                for a in (0.1, 0.01, 0.001)]
-    for coarse, fine in zip(defects, defects[1:]):
+    for coarse, fine in itertools.pairwise(defects):
         assert 7 < coarse / fine < 13, defects
 
 

@@ -7,8 +7,9 @@ The α-Flow family replaces MeanFlow's derivative by a finite step of relative s
 ``[s, t]`` splits into the first ``dt`` of it and the rest:
 ``h u(x_s, s, t) = dt u(x_s, s, s + dt) + (h - dt) u(x_{s+dt}, s + dt, t)``. Replacing the
 short first piece by the velocity and ``x_{s+dt}`` by one Euler step gives the
-JVP-free target (paper Eq. for ``L_α``; ``_compute_mean_velocity_d`` in this convention:
-``t_p = 1 - s``, ``r_p = 1 - t``, ``u = -u_p``, DESIGN.md)
+JVP-free target of the paper's α-Flow objective (the reference's
+``_compute_mean_velocity_d``, written in this convention: ``t_p = 1 - s``, ``r_p = 1 - t``,
+``u = -u_p``, DESIGN.md)
 
     u_tgt = sg(α ṽ + (1 - α) u_θ(x_s + dt ṽ, s + dt, t)),       0 < α <= 1
 

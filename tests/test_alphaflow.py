@@ -301,3 +301,14 @@ def test_config_builds_and_runs_through_the_schedule() -> None:
         seen.append(float(loss_fn.metrics["alpha"]))
         assert torch.isfinite(loss)
     assert seen[0] == 1.0 and seen[-1] == 0.0 and any(0 < a < 1 for a in seen)
+
+
+def test_half_precision_autocast_leaves_the_target_in_fp32() -> None:
+    torch.manual_seed(0)
+    model = MLP(data_dim=2, hidden=32, depth=2)
+    seen: list[torch.dtype] = []
+    model.out.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = AlphaFlowLoss(alpha_schedule="constant", alpha_start=0.5)(model, make_batch())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert len(seen) == 2 and all(d == torch.float32 for d in seen), seen  # the extra forward and the prediction

@@ -308,3 +308,15 @@ def test_training_improves_one_step_samples() -> None:
         opt.step()
         assert math.isfinite(loss.item())
     assert one_step_distance() < 0.1 * before
+
+
+def test_half_precision_autocast_leaves_the_targets_in_fp32() -> None:
+    """The tangent forward, the JVP and the prediction run with autocast off (DESIGN.md trap)."""
+    torch.manual_seed(0)
+    model = MLP(data_dim=2, hidden=32, depth=2)
+    seen: list[torch.dtype] = []
+    model.out.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = IMFLoss(jvp_mode="separate")(model, make_batch())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert len(seen) == 3 and all(d == torch.float32 for d in seen), seen  # v_c, JVP, prediction

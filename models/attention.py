@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.layers import _eager, _tangent_grad
+from models.layers import _eager, _tangent_grad, primal
 
 ATTENTION_JVP = ("closed_form", "flash")
 
@@ -59,8 +59,9 @@ class AttentionFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs, output)
-        ctx.save_for_forward(*inputs, output)
+        saved = [primal(t) for t in (*inputs, output)]
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -76,15 +77,17 @@ class AttentionFn(torch.autograd.Function):
     def jvp(ctx, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None) -> Tensor | None:
         q, k, v, out = ctx.saved_tensors
         with _tangent_grad():
-            p, scale = _probabilities(q, k)
+            p, scale = _probabilities(q, k)  # recomputed: SDPA's fused kernels do not return it
             result = None if tv is None else p @ tv
-            ts = None
-            if tq is not None:
-                ts = tq @ k.transpose(-1, -2)
-            if tk is not None:
-                ts = q @ tk.transpose(-1, -2) if ts is None else ts + q @ tk.transpose(-1, -2)
+            # t_S / scale = t_q kᵀ + q t_kᵀ as one product over the concatenated head dim
+            if tq is not None and tk is not None:
+                ts = torch.cat([tq * scale, q * scale], -1) @ torch.cat([k, tk], -1).transpose(-1, -2)
+            elif tq is not None:
+                ts = (tq * scale) @ k.transpose(-1, -2)
+            else:
+                ts = None if tk is None else (q * scale) @ tk.transpose(-1, -2)
             if ts is not None:
-                pts = p * ts * scale
+                pts = p * ts  # (B, h, T, T)
                 dout = pts @ v - pts.sum(-1, keepdim=True) * out
                 result = dout if result is None else result + dout
             return result

@@ -64,6 +64,18 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def primal(t: Tensor | None) -> Tensor | None:
+    """What a rule saves for the backward: inside ``tangents_without_graph()`` the
+    value alone (detached), else the tensor itself.
+
+    Autograd keeps the tangent of every saved dual tensor (``torch.autograd.forward_ad``)
+    until the dual level closes, which in the fused MeanFlow step holds a second copy
+    of the activations at the peak. The backward needs the values only; the tangent
+    rules need the graph of the saved tensors only to differentiate the tangent, which
+    ``tangents_without_graph()`` rules out."""
+    return t if t is None or _TANGENT_GRAPH[-1] else t.detach()
+
+
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
@@ -89,6 +101,7 @@ class LinearFn(torch.autograd.Function):
         x, weight, bias = inputs
         ctx.set_materialize_grads(False)
         ctx.has_bias = bias is not None
+        x = primal(x)
         ctx.save_for_backward(x, weight)
         ctx.save_for_forward(x, weight)
 
@@ -128,6 +141,7 @@ class ConvFn(torch.autograd.Function):
         x, weight, bias, ctx.stride, ctx.padding, ctx.dilation, ctx.groups = inputs
         ctx.set_materialize_grads(False)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
+        x = primal(x)
         ctx.save_for_backward(x, weight)
         ctx.save_for_forward(x, weight)
 
@@ -202,6 +216,7 @@ class GroupNormFn(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, rstd)
+        x = primal(x)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.save_for_forward(x, weight, mean, rstd)
 
@@ -254,6 +269,7 @@ class LayerNormFn(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, rstd)
+        x = primal(x)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.save_for_forward(x, weight, mean, rstd)
 
@@ -334,8 +350,9 @@ class SiLUFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
+        x = primal(inputs[0])
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor | None) -> Tensor | None:
@@ -360,8 +377,9 @@ class GELUFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         ctx.set_materialize_grads(False)
         ctx.approximate = inputs[1]
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
+        x = primal(inputs[0])
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, None]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,11 +50,32 @@ def test_quick_benchmark_tables(tmp_path: Path) -> None:
         assert float(r["peak MiB (RSS growth)"]) >= 0  # CPU: measured in a fresh subprocess
 
     (ratio,) = tables["MeanFlow over flow matching"]
-    for key in ("fused / FM", "separate / FM"):
+    for key in ("fused / FM (range)", "separate / FM (range)"):
+        median, spread = ratio[key].split(" ")  # "1.42x (1.38-1.51)"
+        lo, hi = (float(v) for v in spread.strip("()").split("-"))
+        assert 0 < lo <= float(median.removesuffix("x")) <= hi
+    for key in ("fused memory / FM", "separate memory / FM"):
         assert float(ratio[key].removesuffix("x")) > 0
 
     sampling = tables["Sampling"]
     assert {r["sampler"] for r in sampling} == {"euler", "midpoint", "heun", "rk4", "meanflow"}
+    assert {r["precision"] for r in steps} == {"fp32"}
     for r in sampling:
         assert float(r["median ms"]) > 0
         assert int(r["NFE"]) >= int(r["steps"])
+
+
+def test_cuda_preset_refuses_to_run_without_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the preset would run")
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--device", "cuda", "--preset", "cuda"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "CUDA is not available here" in proc.stderr
+
+
+def test_cuda_preset_covers_the_gpu_table() -> None:
+    from scripts.benchmark import parse_args
+
+    args = parse_args(["--preset", "cuda"])  # the device check only runs for --device cuda
+    assert args.models == ["unet_cifar", "dit_b2"] and args.compile and args.precision == ["fp32", "bf16"]
+    assert args.time_limit > 0

@@ -201,3 +201,31 @@ def test_compiled_path_group_norm_equals_the_builtin():
     builtin = lambda a: F.group_norm(a, 3, norm.weight, norm.bias, norm.eps)  # noqa: E731
     for a, b in zip(jvp(composite, (x,), (tx,)), jvp(builtin, (x,), (tx,)), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "unet"])
+def test_fused_pass_saves_no_tangent_for_the_backward(kind):
+    """Inside primal_and_tangent's fused pass every tensor saved for the backward is a
+    plain value: a saved dual tensor would keep its tangent (a second copy of the
+    activations) alive until the pass ends. The DiT's adaLN products are built-in
+    multiplications and still save theirs (measured: ~5% of its activations)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from models.jvp import primal_and_tangent
+    from tests.test_models import randomize, tiny
+
+    model = randomize(tiny(kind)).train()
+    z, tz = gen_like((2, 5, 8, 8), 50).float(), gen_like((2, 5, 8, 8), 51).float()
+    with_tangent = []
+
+    def pack(t: Tensor) -> Tensor:
+        if fwAD.unpack_dual(t).tangent is not None:
+            with_tangent.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        u, du = primal_and_tangent(model, z, tz, "fused")
+    assert with_tangent == []
+    u.square().sum().backward()  # the saved values still serve the backward
+    _, ref = jvp(model, (z,), (tz,))  # torch.func.jvp: the functorch path through the same rules
+    torch.testing.assert_close(du, ref)

@@ -4,6 +4,7 @@ Full-size configs are built on the meta device (no memory, no time) to check the
 parameter counts; everything that runs uses tiny sizes.
 """
 
+import importlib.util
 from pathlib import Path
 
 import hydra
@@ -212,3 +213,16 @@ def test_dit_patch_sizes_unpatchify_to_the_state(patch_size):
     image = model.unpatchify(flat.reshape(1, tokens.shape[1], -1))
     first_patch = image[0, :, :patch_size, :patch_size]
     assert first_patch.max() < patch_size * patch_size * 4  # token 0 fills the top-left patch
+
+
+def test_dit_attention_jvp_key_is_checked_at_construction():
+    with pytest.raises(ValueError, match=r"attention_jvp='fast': expected one of \['closed_form', 'flash'\]"):
+        DiT(4, 8, hidden_size=16, depth=1, num_heads=2, attention_jvp="fast")
+    if importlib.util.find_spec("jvp_flash_attention") is None:
+        with pytest.raises(ValueError, match="needs the jvp-flash-attention package"):
+            DiT(4, 8, hidden_size=16, depth=1, num_heads=2, attention_jvp="flash")
+    else:
+        model = DiT(4, 8, hidden_size=16, depth=1, num_heads=2, attention_jvp="flash")
+        z = make_unified_flow_matching_input(torch.randn(2, 4, 8, 8), torch.rand(2), torch.rand(2))
+        with pytest.raises(ValueError, match="runs on CUDA only"):
+            model(z)

@@ -60,7 +60,11 @@ class ResBlock(nn.Module):
 
     def _resample(self, x: Tensor) -> Tensor:
         if self.resample == "down":
-            return F.avg_pool2d(x, 2)
+            # 2x2 average pooling as a mean over the window axes: the same numbers as
+            # F.avg_pool2d(x, 2), but nothing saved for the backward (avg_pool2d saves
+            # its input, and in the fused MeanFlow pass that input's tangent with it)
+            b, c, h, w = x.shape
+            return x.reshape(b, c, h // 2, 2, w // 2, 2).mean(dim=(3, 5))
         if self.resample == "up":
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x

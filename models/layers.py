@@ -28,10 +28,17 @@ trace an ``autograd.Function`` with a custom ``jvp`` (torch 2.14 graph break gb0
 itself (``tests/test_compile.py`` asserts one graph).
 
 Tangent and autograd graph: a tangent computed with grad mode on is recorded in the
-autograd graph (needed only to differentiate through the tangent). MeanFlow stops the
-tangent's gradient, so ``models/jvp.py`` computes it inside ``tangents_without_graph()``
-and the rules here then run their tangent arithmetic under ``no_grad``: the fused step
-keeps the primal's graph only.
+autograd graph (needed only to differentiate through the tangent), and a dual tensor
+saved for the backward keeps its tangent alive. MeanFlow stops the tangent's gradient,
+so ``models/jvp.py`` computes it inside ``tangents_without_graph()``; the rules then
+run their tangent arithmetic under ``no_grad`` and save detached values (``primal``),
+so the fused step holds about the memory of the primal's graph alone. Outside that
+block the rules are fully differentiable (tangent included).
+
+Not given a rule: the sinusoidal time embeddings (cos / sin of a (B, 256) tensor: the
+built-in rule is a few element-wise ops on a tiny tensor), ReLU / Tanh (cheap built-in
+rules), dropout (its rule multiplies the tangent by the same mask), RMSNorm (no model
+uses it).
 """
 
 from collections.abc import Iterator

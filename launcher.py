@@ -10,6 +10,7 @@ by signal N after writing its checkpoint. ``DZ_TRACEBACK=1`` shows the traceback
 """
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -57,9 +58,28 @@ def one_line(err: BaseException) -> str:
 
 def validate_config(cfg) -> None:
     """Check the values a user types on the command line, once, before anything runs."""
+    from omegaconf import OmegaConf
+
     from models.runs import RunError
     from train import PRECISIONS
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RunError(f"{missing[0]} is required (the config leaves it as ???): pass {missing[0]}=VALUE")
+    name = str(cfg.run_name)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+@=-]*", name) or ".." in name:
+        raise RunError(f"run_name={name!r}: expected a plain name of letters, digits and . _ - + @ = "
+                       "(no /, no .., not empty): it names folders under output_dir")
+    for key in ("seed", "epochs", "batch_size", "num_workers", "max_steps", "warmup_steps", "log_every_steps",
+                "eval.every_epochs", "eval.num_samples", "eval.repeats", "eval.steps", "eval.batch_size",
+                "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.archive_every_epochs"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise RunError(f"{key}={value!r}: expected an integer")
+    for key in ("optimizer.lr", "min_lr_ratio", "grad_clip", "ema.decay", "ema.halflife_samples"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise RunError(f"{key}={value!r}: expected a number")
     checks = [
         (isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs={cfg.epochs}: expected an integer >= 1"),
         (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: expected an integer >= 1"),
@@ -96,6 +116,9 @@ def validate_config(cfg) -> None:
     for ok, message in checks:
         if not ok:
             raise RunError(message)
+    from solvers.runge_kutta import make_solver
+
+    make_solver(cfg.solver.name, **{k: v for k, v in cfg.solver.items() if k != "name"})  # its own one-line error, now
 
 
 
@@ -173,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(overrides)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        return fail(one_line(err))
+        message = one_line(err)
+        if "Interpolation key 'dataloaders.data_shape." in message:  # an image model on dense data
+            message = (f"the model reads the image shape [C, H, W] from dataloaders.data_shape, which this data set "
+                       f"does not have ({message}): use an image data set (digits, cifar10, ...) or model=mlp")
+        return fail(message)
     if show_cfg:
         print(OmegaConf.to_yaml(cfg))
         return 0

@@ -4,14 +4,12 @@
               └─ otherwise → Trainer(cfg).fit(): train_step (loss → backward → clip →
                  optimizer → EMA), then at boundaries log, evaluate (EMA), snapshot
 
-The loss owns its times and says how its model samples, the data package builds the
-data, ``models/runs.py`` owns the run's files, ``evaluation/`` scores and draws. Exact
-resume: epoch e's order is fixed by (seed, e) and continues at the next batch, and the
-RNG states are saved with each checkpoint (every N steps or epochs, on SIGTERM/SIGUSR1),
-so a stopped and resumed run ends with bit-identical weights on the CPU.
+The loss owns its times and says how its model samples, ``dataloaders/`` builds the data,
+``models/runs.py`` owns the run's files, ``evaluation/`` scores and draws. Exact resume:
+epoch e's order is fixed by (seed, e) and continues at the next batch, and the RNG states
+are saved with each checkpoint (every N steps or epochs, on SIGTERM/SIGUSR1): a stopped
+and resumed run ends with bit-identical weights on the CPU.
 """
-
-from __future__ import annotations
 
 import math
 import os
@@ -24,37 +22,22 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dataloaders.base_dataloaders import make_dataset, make_train_loader
 from evaluation.device_metrics import DeviceMonitor
 from evaluation.evaluator import Evaluator, evaluate_checkpoint
-from losses.base_loss import build_loss
-from models.checkpoint import build_model, read_checkpoint, save_checkpoint, unwrap
+from losses.base_loss import LossModule, build_loss
+from models.checkpoint import build_model, build_vae, read_checkpoint, save_checkpoint, unwrap
 from models.ema import EMA
 from models.jvp import rewound_rng
-from models.runs import Preempted, RunError, RunLayout, TrainingFailed, process_group, resolve_device, rng_state, seed_everything, set_rng_state
+from models.runs import Preempted, RunError, RunLayout, TrainingFailed, check_ranks_agree, check_trackio_dir
+from models.runs import process_group, resolve_device, resume_changes, rng_state, seed_everything, set_rng_state
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before they take a job's machine
-
-
-class LossModule(nn.Module):
-    """Model and loss in one module whose ``forward(batch)`` returns the loss.
-
-    This is what gets compiled and DDP-wrapped: the whole loss, the MeanFlow JVP
-    included, runs inside the wrapper's forward, so DDP's gradient hooks see every
-    parameter use (calling ``model.module`` from outside would skip the all-reduce).
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
-        super().__init__()
-        self.model, self.loss_fn = model, loss_fn
-
-    def forward(self, batch) -> Tensor:
-        return self.loss_fn(self.model, batch)
 
 
 def lr_lambda(warmup_steps: int, schedule: str, total_steps: int, min_lr_ratio: float):
@@ -85,9 +68,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-
-        vae_cfg = cfg.dataloaders.get("vae")  # latent data: one VAE encodes (mode=images) and decodes
-        self.vae = instantiate(vae_cfg).to(self.device) if vae_cfg is not None else None
+        self.vae = build_vae(cfg.dataloaders, self.device)  # latent data: one VAE encodes (mode=images) and decodes
         self.train_set = make_dataset(cfg.dataloaders, "train", self.vae)
         if len(self.train_set) < cfg.batch_size * world:
             raise RunError(f"batch_size={cfg.batch_size} exceeds the training set ({len(self.train_set)} samples per epoch)")
@@ -114,7 +95,10 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0  # batch_in_epoch: batches done in the current epoch
         self.totals: dict[str, float] = {}  # sums of the train metrics since the last log, and their count
         self.last_metrics: dict[str, float] = {}
-        self.stop_signal: int | None = None
+        self.last_log: dict[str, float] = {}  # the last row logged (kept in checkpoints)
+        self.logged_to = 0  # trackio already holds this run's rows up to this step
+        self.stop_signal: int | None = None  # set by the SIGTERM/SIGUSR1 handler
+        self.tracker = None
         if resume_state is not None:
             self._restore(resume_state)
         elif cfg.init_from:
@@ -123,7 +107,12 @@ class Trainer:
             probe = next(iter(make_train_loader(cfg, self.train_set, 0))).to(self.device)
             self.loss_fn.check_model(self.model, probe)
         self.evaluator = Evaluator(cfg, self.loss_fn, self.device, self.vae) if self.is_main else None
-        self.tracker = None
+        self.run_lock = self.layout.lock() if self.is_main else None  # all input checked: claim the run folder
+        if self.is_main:
+            self.layout.start(cfg.resume, cfg.overwrite)  # again, under the lock: no other launch got in between
+            self.layout.check_writable()  # unwritable outputs fail now, not at the first save
+            if cfg.trackio.enabled:
+                check_trackio_dir()
 
     # --- run folder ------------------------------------------------------------------
 
@@ -133,14 +122,24 @@ class Trainer:
             raise RunError(f"{what}: the checkpoint's model {saved} differs from this run's {ours}: use the same model settings")
 
     def _restore(self, state: dict) -> None:
-        self._check_same_model(state, "resume=true")
+        changes = resume_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))  # refuses model/loss/data
         for target, key in ((self.model, "model"), (self.ema, "ema"), (self.optimizer, "optimizer"),
                             (self.scheduler, "scheduler"), (self.scaler, "scaler")):
             target.load_state_dict(state[key])
+        # The optimizer's state dict brought the checkpoint's hyperparameters back: apply
+        # this run's (a new lr, betas, horizon), so the recorded config is what is used.
+        options = {k: tuple(v) if isinstance(v, list) else v
+                   for k, v in OmegaConf.to_container(self.cfg.optimizer, resolve=True).items() if not k.startswith("_")}
+        self.scheduler.base_lrs = [options["lr"]] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group |= options | {"initial_lr": options["lr"], "lr": options["lr"] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)}
+        if self.is_main:
+            print("".join(f"resume: {key} {was} -> {now}\n" for key, (was, now) in changes.items()), end="", flush=True)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))  # checkpoints from before step checkpoints: 0
         self.totals = dict(state.get("totals", {}))
         self.last_metrics = dict(state.get("metrics", {}))
+        self.last_log = dict(state.get("last_log", {}))
         set_rng_state(state["rng"])
         if self.world > 1:
             # Every rank loaded rank 0's RNG state; re-split the streams so the ranks
@@ -181,21 +180,9 @@ class Trainer:
         for key, value in {"loss": loss.detach(), **unwrap(self.loss_fn).metrics}.items():
             self.totals[key] = self.totals.get(key, 0.0) + float(value)
         self.totals["_count"] = self.totals.get("_count", 0.0) + 1
-        if not self.ranks_checked:
-            self._check_ranks_agree()
-
-    def _check_ranks_agree(self) -> None:
-        """Once per run, after the first step: every rank must hold the same weights. If
-        they differ, the gradient all-reduce was skipped (e.g. a loss that reaches the model
-        through ``model.module`` outside the DDP forward) and each rank trains alone."""
-        sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
-        high, low = sums.clone(), sums.clone()
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        self.ranks_checked = True
-        if not torch.equal(high, low):
-            raise TrainingFailed(f"ranks disagree after step {self.step}: gradient synchronisation is broken "
-                                 "(the loss must run inside the DDP-wrapped forward; calling model.module skips the all-reduce)")
+        if not self.ranks_checked:  # once, after the first step
+            check_ranks_agree(self.model, self.step)
+            self.ranks_checked = True
 
     def train_metrics(self, seconds: float, steps: int) -> dict[str, float]:
         """The train metrics since the last log (mean over its steps and, under DDP, the ranks)."""
@@ -222,7 +209,8 @@ class Trainer:
         state = {name: obj.state_dict() for name, obj in (("model", unwrap(self.model)), ("ema", self.ema),
                  ("optimizer", self.optimizer), ("scheduler", self.scheduler), ("scaler", self.scaler))}
         state |= {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "totals": self.totals,
-                  "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True), "metrics": self.last_metrics}
+                  "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True), "metrics": self.last_metrics,
+                  "last_log": self.last_log}
         save_checkpoint(state, self.layout.last)
         if archive:
             save_checkpoint(state, self.layout.archive(self.epoch))
@@ -231,6 +219,7 @@ class Trainer:
         if not (self.cfg.trackio.enabled and self.is_main):
             return
         import trackio
+        from trackio.sqlite_storage import SQLiteStorage
 
         config, system = OmegaConf.to_container(self.cfg, resolve=True), self.cfg.trackio.system_metrics
         config["command"] = " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("launcher.py") else ""
@@ -238,12 +227,19 @@ class Trainer:
                      resume="must" if self.cfg.resume else "never", embed=False,
                      auto_log_gpu=None if system else False, auto_log_cpu=None if system else False)  # None: trackio detects
         self.tracker = trackio
+        # A resumed run redoes the steps after its checkpoint: the ones trackio already
+        # holds are not logged twice, and a row lost in a kill before trackio's flush is
+        # logged again from the checkpoint, so the history has neither duplicates nor holes.
+        self.logged_to = SQLiteStorage.get_max_step_for_run(self.cfg.trackio.project, self.cfg.run_name) or 0
+        if self.last_log and self.logged_to < self.last_log["step"]:
+            trackio.log({k: v for k, v in self.last_log.items() if k != "step"}, step=self.last_log["step"])
 
     def log(self, metrics: dict[str, float], plot=None) -> None:
         summary = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
                             if k.split("/")[0] in ("train", "eval") and "/nfe" not in k)
         print(f"epoch {self.epoch}/{self.cfg.epochs} step {self.step}  {summary}", flush=True)
-        if self.tracker is not None:
+        self.last_log = {"step": self.step, **metrics}
+        if self.tracker is not None and self.step > self.logged_to:
             logged = dict(metrics)
             if plot is not None:
                 logged["eval/samples"] = self.tracker.Image(str(plot), caption=f"epoch {self.epoch}")
@@ -253,10 +249,12 @@ class Trainer:
         self.stop_signal = signum  # acted on at the next step boundary, where the state is whole
 
     def _stop_requested(self) -> bool:
+        if self.world == 1:
+            return self.stop_signal is not None
         flag = torch.tensor(float(self.stop_signal or 0), device=self.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled: all stop at the same step
-        return bool(flag.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled: all stop at the same step
+        self.stop_signal = int(flag.item()) or None
+        return self.stop_signal is not None
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
@@ -275,6 +273,8 @@ class Trainer:
             while self.epoch < cfg.epochs and not (cfg.max_steps and self.step >= cfg.max_steps):
                 self.train_epoch(monitor)
         finally:
+            if self.run_lock is not None:
+                self.layout.unlock(self.run_lock)
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
             if monitor is not None:

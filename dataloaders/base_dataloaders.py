@@ -17,9 +17,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 
 import torch
-from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from models.checkpoint import instantiate_allowed
 
 # the inverse of make_unified_flow_matching_input lives with the model contract; re-exported here
 from models.base_model import split_unified_input  # noqa: F401
@@ -239,9 +240,10 @@ def make_dataset(data_cfg, split: str, encoder: nn.Module | None = None) -> Data
     batch, so the model trains on latents; the caller builds it once for every split
     and for the evaluator's decoder.
     """
-    # Built as a partial and then called, so a loader's own one-line error (a missing
-    # file, a wrong shape) reaches the launcher instead of Hydra's InstantiationException.
-    dataset = instantiate(data_cfg.dataset, _partial_=True)(split=split)
+    # Through the checkpoint allowlist (the config may come from someone else's file):
+    # only the project's own loaders, plain arguments; a loader's own one-line error (a
+    # missing file, a wrong shape) reaches the launcher as itself.
+    dataset = instantiate_allowed(data_cfg.dataset, ("dataloaders.",), "dataset", functions=True, extra={"split": split})
     if data_cfg.get("mode") == "images":
         dataset = EncodedTargetDataset(dataset, encoder.encode, next(encoder.parameters()).device, data_cfg.num_classes)
     return dataset

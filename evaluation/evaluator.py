@@ -11,11 +11,11 @@ reproduces what the run logged, and evaluation never shifts the training RNG str
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -24,7 +24,7 @@ from dataloaders.base_dataloaders import make_dataset, stack_targets
 from evaluation.energy_distance import energy_distance
 from evaluation.plots import save_grid, save_plot
 from losses.base_loss import BaseLoss, build_loss
-from models.checkpoint import load_model_from_checkpoint
+from models.checkpoint import build_vae, load_model_from_checkpoint
 from models.runs import RunError, RunLayout, resolve_device
 from solvers.sampling import Sampler
 
@@ -137,6 +137,16 @@ class Evaluator:
         return metrics, samples
 
 
+def content_digest(path: Path) -> str:
+    """The first 12 hex digits of the sha256 of a file (of a folder's files, in name order)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from the checkpoint's own config, evaluate, print, write JSON.
     Only ``device`` and ``output_dir`` come from the command line, so the numbers match
@@ -145,12 +155,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     model, saved_cfg, state = load_model_from_checkpoint(cfg.eval_checkpoint, device)
     with open_dict(saved_cfg):
         saved_cfg.device, saved_cfg.output_dir = cfg.device, cfg.output_dir
-    vae_cfg = saved_cfg.dataloaders.get("vae")
-    vae = instantiate(vae_cfg).to(device) if vae_cfg is not None else None
+    vae = build_vae(saved_cfg.dataloaders, device)
     metrics, _ = Evaluator(saved_cfg, build_loss(saved_cfg.loss), device, vae)(model)
     result = {"checkpoint": str(cfg.eval_checkpoint), "run_name": saved_cfg.run_name, "epoch": int(state["epoch"]),
               "step": int(state["step"]), **metrics}
-    out = RunLayout.of(saved_cfg).eval_dir / f"epoch_{int(state['epoch']):04d}.json"
+    # Named by the file's content too: two different files of one run and epoch (a copy
+    # with flipped bytes, a re-export) never overwrite each other's results.
+    out = RunLayout.of(saved_cfg).eval_dir / f"epoch_{int(state['epoch']):04d}_{content_digest(Path(cfg.eval_checkpoint))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():

@@ -55,6 +55,22 @@ class BaseLoss(nn.Module, ABC):
         this loss cannot work with ``model``. Must leave the RNG streams untouched."""
 
 
+class LossModule(nn.Module):
+    """Model and loss in one module whose ``forward(batch)`` returns the loss.
+
+    This is what gets compiled and DDP-wrapped: the whole loss, the MeanFlow JVP
+    included, runs inside the wrapper's forward, so DDP's gradient hooks see every
+    parameter use (calling ``model.module`` from outside would skip the all-reduce).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
 # Loss configs written before the time laws moved into ``loss.time`` (``sampler``,
 # ``ratio``, ``time_mean``, ...): mapped so that old checkpoints still evaluate and resume.
 LEGACY_PAIR_SAMPLERS = {"paper": "order_then_mask_rows", "improved": "mask_rows_then_order"}

@@ -15,6 +15,8 @@ stderr and that status, in one place.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import re
 import time
@@ -22,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -96,6 +99,45 @@ class RunLayout:
                            "overwrite=true to start over (the old last.pt is archived), or choose another run_name")
         return None
 
+    def check_writable(self) -> None:
+        """Create the run's folders now, so an unwritable ``output_dir`` (or a file in its
+        place) is one line before the first step, not a traceback at the first save."""
+        for folder in (self.run_dir, self.archive_dir, self.plots):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as err:
+                raise RunError(f"output_dir={self.output_dir}: cannot write {folder} ({err.strerror or err}): "
+                               "choose a writable output_dir") from None
+
+    def lock(self) -> IO[str]:
+        """Hold the run folder until the returned file is closed (or the process ends): a
+        second launch of the same run is refused meanwhile. An ``flock`` is released by
+        the kernel when its process ends however it ends (kill -9 included), so a crashed
+        run never leaves its lock stuck."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handle = (self.run_dir / ".lock").open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunError(f"run {self.run!r} is being trained right now by {holder} (lock {self.run_dir / '.lock'}): "
+                           "wait for it to finish, or choose another run_name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        return handle
+
+    def unlock(self, handle: IO[str]) -> None:
+        """Release the run folder (the lock file goes too: a finished run leaves none)."""
+        (self.run_dir / ".lock").unlink(missing_ok=True)
+        handle.close()
+
     def archive_last(self) -> None:
         """Move ``last.pt`` (if any) to ``archive/<run>_overwritten_<time>.pt``."""
         if self.last.exists():
@@ -112,7 +154,7 @@ class RunLayout:
 
     def files(self) -> list[Path]:
         """Every checkpoint file of the run: its folder and its archived copies."""
-        own = [p for p in self.run_dir.rglob("*") if p.is_file()] if self.run_dir.is_dir() else []
+        own = [p for p in self.run_dir.rglob("*") if p.is_file() and not p.name.startswith(".")] if self.run_dir.is_dir() else []
         archived = list(self.archive_dir.glob(f"{self.run}_*.pt")) if self.archive_dir.is_dir() else []
         return own + archived
 
@@ -128,10 +170,56 @@ class RunLayout:
         return self.output_dir / "eval" / self.run
 
 
+# What a resumed run must share with its checkpoint (the state would not fit or mean the
+# same), and what is free to differ without being worth a line (where the run runs).
+FIXED_ON_RESUME = ("model", "loss", "dataloaders", "batch_size", "seed", "optimizer._target_")
+FREE_ON_RESUME = ("resume", "overwrite", "device", "output_dir", "num_workers", "eval_checkpoint", "init_from")
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """The settings a resumed run changes, ``{key: (checkpoint's, this run's)}``; refuses
+    (one line) a change to what the checkpoint's state depends on."""
+    old, new = _flat(saved), _flat(current)
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    for key, (was, now) in changed.items():
+        if key.split(".")[0] in FIXED_ON_RESUME or key in FIXED_ON_RESUME:
+            raise RunError(f"resume=true cannot change {key} (checkpoint: {was}, now: {now}): resume with the checkpoint's "
+                           "value, or start a new run (init_from=PATH starts from its weights)")
+    return {k: v for k, v in changed.items() if k.split(".")[0] not in FREE_ON_RESUME and k != "command"}
+
+
+def check_trackio_dir() -> None:
+    """trackio's store must be writable before the first step (else every metric is lost
+    and the run cannot be resumed with its history)."""
+    from trackio.utils import TRACKIO_DIR
+
+    store = Path(TRACKIO_DIR)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        probe = store / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"TRACKIO_DIR={store} is not writable ({err.strerror or err}): set TRACKIO_DIR to a writable "
+                       "folder or pass trackio.enabled=false") from None
+
+
 def is_run_file(relative: PurePosixPath, run: str) -> bool:
     """Whether a path relative to the checkpoint root (``<arch>/...``) is one of run
     ``run``'s files: under ``<arch>/<run>/`` or ``<arch>/archive/<run>_epoch_XXXX.pt``."""
     parts = relative.parts
+    if parts and parts[-1].startswith("."):  # a lock or a half-written temporary file
+        return False
     if len(parts) >= 3 and parts[1] == run:
         return True
     return len(parts) == 3 and parts[1] == "archive" and re.fullmatch(rf"{re.escape(run)}_epoch_\d{{4,}}\.pt", parts[2]) is not None
@@ -199,3 +287,16 @@ def process_group(device_name: str, rank: int, world: int, local_rank: int):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def check_ranks_agree(model, step: int) -> None:
+    """Every rank must hold the same weights after a step. If they differ, the gradient
+    all-reduce was skipped (e.g. a loss that reaches the model through ``model.module``
+    outside the DDP forward) and each rank trains alone."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    high, low = sums.clone(), sums.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if not torch.equal(high, low):
+        raise TrainingFailed(f"ranks disagree after step {step}: gradient synchronisation is broken "
+                             "(the loss must run inside the DDP-wrapped forward; calling model.module skips the all-reduce)")

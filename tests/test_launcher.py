@@ -132,7 +132,8 @@ def test_eval_checkpoint_reproduces_the_logged_numbers(trained_run: TrainedRun, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert tree_hashes(trained_run.output_dir) == before  # evaluation writes only under its own output_dir
 
-    written = json.loads((tmp_path / "out" / "eval" / "straight" / "epoch_0002.json").read_text())
+    (written_path,) = (tmp_path / "out" / "eval" / "straight").glob("epoch_0002_*.json")
+    written = json.loads(written_path.read_text())
     assert written["epoch"] == 2 and written["step"] == 16 and written["run_name"] == "straight"
     logged = by_epoch(read_trackio(trained_run.trackio_dir, "straight")["logs"])[2]
     stored = read_checkpoint(archive)["metrics"]

@@ -64,6 +64,7 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, straight):
     proc.communicate()
     state = read_checkpoint(last_pt(out, "k"))
     assert 0 < state["batch_in_epoch"] < 64 and state["step"] % 5 == 0, "the kill must land mid-epoch"
+    assert (last_pt(out, "k").parent / ".lock").exists()  # the dead run's lock file is left, but not its lock
     result = launch([*OVERRIDES, "run_name=k", f"output_dir={out}", "resume=true"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(read_checkpoint(last_pt(out, "k")), straight)
@@ -87,3 +88,23 @@ def test_preemption_signal_writes_a_checkpoint_then_resume_is_bit_identical(tmp_
     result = launch([*OVERRIDES, "run_name=p", f"output_dir={out}", "resume=true"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(read_checkpoint(last_pt(out, "p")), straight)
+
+
+@pytest.mark.slow
+def test_a_second_launch_of_a_running_run_is_refused(tmp_path):
+    """Two launches of one run_name (resume=true, or overwrite=true, would let the second
+    one past the existing-checkpoint check): the one that trains holds the run folder."""
+    out = tmp_path / "out"
+    proc = start(out, "busy", "epochs=1000")  # long enough to still be training when the others start
+    wait_for_step_checkpoint(last_pt(out, "busy"), proc)
+    for extra in (["resume=true"], ["overwrite=true"]):
+        second = launch([*OVERRIDES, "run_name=busy", f"output_dir={out}", "epochs=1000", *extra], cwd=tmp_path)
+        assert second.returncode == 2, second.stderr[-2000:]
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: run 'busy' is being trained right now by pid") and "Traceback" not in second.stderr
+    assert proc.poll() is None, "the first run must still be training for the check to mean anything"
+    assert read_checkpoint(last_pt(out, "busy"))["config"]["run_name"] == "busy"  # nothing replaced its checkpoint
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not (last_pt(out, "busy").parent / ".lock").exists()  # the folder is released on the way out

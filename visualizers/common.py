@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 matplotlib.use("Agg")  # files only: no display needed, and no GUI backend on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dataloaders.base_dataloaders import stack_targets  # noqa: E402
+from dataloaders.base_dataloaders import make_dataset, stack_targets  # noqa: E402
 from losses.base_loss import build_loss  # noqa: E402
 from models.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from models.runs import RunLayout, find_runs  # noqa: E402
@@ -118,10 +118,8 @@ def require_kind(run: RunInfo, kinds: tuple[str, ...], visualizer: str) -> None:
 def reference_data(cfg: DictConfig, n: int) -> np.ndarray | None:
     """Up to ``n`` held-out data points to draw behind the samples (None if the
     data file of a points run is gone: the picture is still worth drawing)."""
-    from hydra.utils import instantiate
-
     try:
-        dataset = instantiate(cfg.dataloaders.dataset, split="test")
+        dataset = make_dataset(cfg.dataloaders, "test")  # through the allowlist: the config came from a file
     except FileNotFoundError as err:
         print(f"note: data set not found ({err}); drawing samples without the data behind them", file=sys.stderr)
         return None

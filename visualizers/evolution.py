@@ -50,8 +50,8 @@ def sample_checkpoint(path: Path, run: RunInfo, x0: torch.Tensor, labels: torch.
     model, cfg = load_checkpoint_model(str(path))
     if run.jumps:
         return sample_meanflow(model, x0, num_steps=steps, label=labels).samples
-    return sample_flow(model, x0, solver=cfg.solver.name, num_steps=steps, label=labels,
-                       num_classes=cfg.model.num_classes).samples
+    return sample_flow(model, x0, solver=cfg.solver.name, num_steps=steps, label=labels, num_classes=cfg.model.num_classes,
+                       solver_options={k: v for k, v in cfg.solver.items() if k != "name"}).samples
 
 
 def scatter_frames(samples: list[tuple[int, np.ndarray]], data: np.ndarray | None, title: str) -> list[np.ndarray]:

@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     model, cfg = load_checkpoint_model(str(run.last))
     solver = args.solver or cfg.solver.name
     x0, labels = noise_and_labels(cfg, args.num_samples, args.seed)
+    options = {k: v for k, v in cfg.solver.items() if k != "name"} if solver == cfg.solver.name else {}  # the run's tolerances
     result = sample_flow(model, x0, solver=solver, num_steps=steps, label=labels,
-                         num_classes=cfg.model.num_classes, return_trajectory=True)
+                         num_classes=cfg.model.num_classes, return_trajectory=True, solver_options=options)
     trajectory = torch.stack(result.trajectory).numpy()  # (steps + 1, N, 2)
     frames = render_frames(trajectory, reference_data(cfg, 2000), f"{run.name} · {solver} {steps} steps")
     return write_animation(frames, output_dir(args, run), "flow_trajectories", args.fps, mp4=not args.no_mp4)

@@ -31,9 +31,9 @@ from evaluation.device_metrics import DeviceMonitor
 from evaluation.evaluator import Evaluator, evaluate_checkpoint
 from losses.base_loss import LossModule, build_loss
 from models.checkpoint import build_model, build_vae, read_checkpoint, save_checkpoint, unwrap
-from models.ema import EMA
+from models.ema import EMASet
 from models.jvp import rewound_rng
-from models.runs import Preempted, RunError, RunLayout, TrainingFailed, check_ranks_agree, check_trackio_dir
+from models.runs import Preempted, RunError, RunLayout, TrainingFailed, check_ranks_agree
 from models.runs import process_group, resolve_device, resume_changes, rng_state, seed_everything, set_rng_state
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,7 +74,7 @@ class Trainer:
             raise RunError(f"batch_size={cfg.batch_size} exceeds the training set ({len(self.train_set)} samples per epoch)")
         self.model = build_model(cfg.model).to(self.device)
         self.loss_fn = build_loss(cfg.loss).to(self.device)
-        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.halflife_samples)
+        self.ema = EMASet(self.model, cfg.ema.decay, cfg.ema.halflife_samples, list(cfg.ema.get("decays", [])))
         self.optimizer = instantiate(cfg.optimizer)(self.model.parameters())
         self.steps_per_epoch = len(self.train_set) // (cfg.batch_size * world)
         total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -87,7 +87,7 @@ class Trainer:
             # DDP wraps the whole loss (the MeanFlow JVP included), so its hooks see every
             # parameter use and all-reduce the gradients; it also broadcasts rank 0's weights.
             wrapped = DistributedDataParallel(wrapped, device_ids=[local_rank] if self.device.type == "cuda" else None)
-            self.ema.module.load_state_dict(self.model.state_dict())  # the EMA starts from the broadcast weights
+            self.ema.load_broadcast(self.model)  # the EMAs start from the broadcast weights
         # Batches have one shape (drop_last), so dynamic shapes only cost: with them on,
         # inductor failed to compile the MeanFlow JVP of the SmallCNN (torch 2.14).
         self.step_module = torch.compile(wrapped, mode=cfg.compile_mode, dynamic=False) if cfg.compile else wrapped
@@ -107,12 +107,8 @@ class Trainer:
             probe = next(iter(make_train_loader(cfg, self.train_set, 0))).to(self.device)
             self.loss_fn.check_model(self.model, probe)
         self.evaluator = Evaluator(cfg, self.loss_fn, self.device, self.vae) if self.is_main else None
-        self.run_lock = self.layout.lock() if self.is_main else None  # all input checked: claim the run folder
-        if self.is_main:
-            self.layout.start(cfg.resume, cfg.overwrite)  # again, under the lock: no other launch got in between
-            self.layout.check_writable()  # unwritable outputs fail now, not at the first save
-            if cfg.trackio.enabled:
-                check_trackio_dir()
+        # All input checked: hold the run folder, and fail now on unwritable outputs, not at the first save.
+        self.run_lock = self.layout.claim(cfg.resume, cfg.overwrite, cfg.trackio.enabled) if self.is_main else None
 
     # --- run folder ------------------------------------------------------------------
 
@@ -123,9 +119,10 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         changes = resume_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))  # refuses model/loss/data
-        for target, key in ((self.model, "model"), (self.ema, "ema"), (self.optimizer, "optimizer"),
-                            (self.scheduler, "scheduler"), (self.scaler, "scaler")):
-            target.load_state_dict(state[key])
+        for target, key in ((self.model, "model"), (self.optimizer, "optimizer"), (self.scheduler, "scheduler"),
+                            (self.scaler, "scaler"), (self.loss_fn, "loss")):
+            target.load_state_dict(state.get(key, {}) if key == "loss" else state[key])  # loss state: from losses that keep one
+        self.ema.load_checkpoint(state)
         # The optimizer's state dict brought the checkpoint's hyperparameters back: apply
         # this run's (a new lr, betas, horizon), so the recorded config is what is used.
         options = {k: tuple(v) if isinstance(v, list) else v
@@ -151,7 +148,7 @@ class Trainer:
         state = read_checkpoint(path)
         self._check_same_model(state, f"init_from={path}")
         self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_checkpoint(state)
 
     # --- the step --------------------------------------------------------------------
 
@@ -200,14 +197,16 @@ class Trainer:
 
     def evaluate(self) -> tuple[dict[str, float], object]:
         metrics, samples = self.evaluator(self.ema.module)
+        for prefix, module in (self.ema.extra_modules() | ({"eval_raw": self.model} if self.cfg.eval.raw_weights else {})).items():
+            metrics |= self.evaluator(module, prefix)[0]  # the other EMAs and the raw weights: scores only
         plot = self.layout.plot(self.epoch) if self.cfg.eval.plot else None
         if plot is not None:
             self.evaluator.picture(samples, plot, f"{self.cfg.run_name} epoch {self.epoch}")
         return metrics, plot
 
     def snapshot(self, archive: bool = False) -> None:
-        state = {name: obj.state_dict() for name, obj in (("model", unwrap(self.model)), ("ema", self.ema),
-                 ("optimizer", self.optimizer), ("scheduler", self.scheduler), ("scaler", self.scaler))}
+        state = {name: obj.state_dict() for name, obj in (("model", unwrap(self.model)), ("optimizer", self.optimizer),
+                 ("scheduler", self.scheduler), ("scaler", self.scaler), ("loss", self.loss_fn))} | self.ema.checkpoint_entries()
         state |= {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "totals": self.totals,
                   "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True), "metrics": self.last_metrics,
                   "last_log": self.last_log}

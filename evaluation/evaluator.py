@@ -124,6 +124,8 @@ class Evaluator:
         """Returns (metrics, samples by sampler name) for ``model``; metric names are
         ``{prefix}/energy_distance[_{sampler.metric}]``, ``{prefix}/fid[_...]`` and
         ``{prefix}/nfe[_...]``, beside ``{prefix}/energy_distance_floor``."""
+        was_training = model.training
+        model.eval()  # the raw weights are evaluated too: no dropout at sampling
         x0, labels = self.noise(self.held_out.shape[0], 777)
         metrics: dict[str, float] = {f"{prefix}/energy_distance_floor": self.floor}
         samples = {}
@@ -134,6 +136,7 @@ class Evaluator:
             metrics[f"{prefix}/nfe{suffix}"] = nfe
             if self.cfg.eval.fid.enabled and sampler.fid:
                 metrics[f"{prefix}/fid{suffix}"] = self.fid(model, sampler)
+        model.train(was_training)
         return metrics, samples
 
 
@@ -152,16 +155,23 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     Only ``device`` and ``output_dir`` come from the command line, so the numbers match
     the ones the run logged at that epoch."""
     device = resolve_device(cfg.device)
-    model, saved_cfg, state = load_model_from_checkpoint(cfg.eval_checkpoint, device)
+    weights = str(cfg.eval.weights)  # ema (the main EMA) | raw | one of the run's ema.decays
+    model, saved_cfg, state = load_model_from_checkpoint(cfg.eval_checkpoint, device, use_ema=weights != "raw")
+    if weights not in ("ema", "raw"):
+        kept = state.get("emas", {})
+        key = f"{float(weights):g}" if weights.replace(".", "", 1).isdigit() else weights
+        if key not in kept:
+            raise RunError(f"eval.weights={weights}: {cfg.eval_checkpoint} keeps ema, raw{''.join(', ' + k for k in kept)}")
+        model.load_state_dict(kept[key])
     with open_dict(saved_cfg):
         saved_cfg.device, saved_cfg.output_dir = cfg.device, cfg.output_dir
     vae = build_vae(saved_cfg.dataloaders, device)
     metrics, _ = Evaluator(saved_cfg, build_loss(saved_cfg.loss), device, vae)(model)
     result = {"checkpoint": str(cfg.eval_checkpoint), "run_name": saved_cfg.run_name, "epoch": int(state["epoch"]),
-              "step": int(state["step"]), **metrics}
+              "step": int(state["step"]), "weights": weights, **metrics}
     # Named by the file's content too: two different files of one run and epoch (a copy
     # with flipped bytes, a re-export) never overwrite each other's results.
-    out = RunLayout.of(saved_cfg).eval_dir / f"epoch_{int(state['epoch']):04d}_{content_digest(Path(cfg.eval_checkpoint))}.json"
+    out = RunLayout.of(saved_cfg).eval_dir / f"epoch_{int(state['epoch']):04d}_{weights}_{content_digest(Path(cfg.eval_checkpoint))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():

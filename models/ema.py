@@ -40,3 +40,46 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state)
+
+
+class EMASet:
+    """Every EMA a run keeps, updated together (the MeanFlow reference keeps three).
+
+    The main one (``ema.decay``, or ``ema.halflife_samples``) is what evaluation samples
+    and ``eval_checkpoint`` loads by default; it is saved under ``ema`` so checkpoints
+    written before there were several still load. ``ema.decays`` lists every decay to
+    keep: the ones other than the main are saved under ``emas`` by decay and evaluated
+    under their own metric prefix (``eval_ema0.99995/...``). Each costs one copy of the
+    weights in memory and in the checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, halflife_samples: float = 0.0, decays: list[float] | None = None) -> None:
+        self.main = EMA(model, decay, halflife_samples)
+        main_decay = None if halflife_samples > 0 else decay
+        self.extra = {f"{d:g}": EMA(model, d) for d in dict.fromkeys(decays or []) if d != main_decay}
+
+    @property
+    def module(self) -> nn.Module:
+        return self.main.module
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """The EMAs other than the main one by metric prefix: ``{"eval_ema0.99995": module, ...}``."""
+        return {f"eval_ema{decay}": ema.module for decay, ema in self.extra.items()}
+
+    def update(self, model: nn.Module, batch_size: int) -> None:
+        for ema in (self.main, *self.extra.values()):
+            ema.update(model, batch_size)
+
+    def load_broadcast(self, model: nn.Module) -> None:
+        """Start every EMA from ``model``'s weights (DDP broadcast rank 0's)."""
+        for ema in (self.main, *self.extra.values()):
+            ema.module.load_state_dict(model.state_dict())
+
+    def checkpoint_entries(self) -> dict:
+        return {"ema": self.main.state_dict(), "emas": {decay: ema.state_dict() for decay, ema in self.extra.items()}}
+
+    def load_checkpoint(self, state: dict) -> None:
+        """Restore from a checkpoint; an EMA it lacks (a decay added on resume) starts from its main EMA."""
+        self.main.load_state_dict(state["ema"])
+        for decay, ema in self.extra.items():
+            ema.load_state_dict(state.get("emas", {}).get(decay, state["ema"]))

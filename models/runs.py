@@ -133,6 +133,17 @@ class RunLayout:
         handle.flush()
         return handle
 
+    def claim(self, resume: bool, overwrite: bool, trackio: bool) -> IO[str]:
+        """Lock the run folder, check again under the lock that the run may start (no other
+        launch got in between), and check that its outputs (and trackio's store) are
+        writable; returns the lock to ``unlock`` at the end."""
+        handle = self.lock()
+        self.start(resume, overwrite)
+        self.check_writable()
+        if trackio:
+            check_trackio_dir()
+        return handle
+
     def unlock(self, handle: IO[str]) -> None:
         """Release the run folder (the lock file goes too: a finished run leaves none)."""
         (self.run_dir / ".lock").unlink(missing_ok=True)

@@ -15,10 +15,12 @@ Tables (Markdown):
    freed tensors at once) and reports the peak RSS (``VmHWM``) above the RSS after
    building model, optimizer and batch.
 2. MeanFlow over flow matching: the losses share one model and optimizer and run in
-   interleaved blocks, the order rotated every repeat, so load from other processes
-   lands on all alike. Each repeat gives one ratio of block medians; the table shows
-   their median and range (min-max). The floor is about 4/3: the tangent pass costs
-   about one forward beside flow matching's forward + backward.
+   rounds of one step each, the order rotated every round, so load from other
+   processes lands on all alike. Each round gives one ratio; the table shows their
+   median and interquartile range, and the ratio of the fastest steps (on a loaded
+   machine load only ever adds time, so best / best is the steadier estimate). The
+   floor is about 4/3: the tangent pass costs about one forward beside flow
+   matching's forward + backward.
 3. ``--profile``: the top operators of each step (self time), and one layer at a time
    the forward against its JVP, built-in ``torch.nn`` layer vs ``models/layers.py``.
 4. Sampling (MLP, SmallCNN): wall time per fixed-grid solver and step count, and the
@@ -161,31 +163,33 @@ class StepResult:
     precision: str
     batch: int
     params: int
-    median_s: float
-    block_medians: list[float]
+    times: list[float]  # one step per round, rounds aligned across the losses of a case
     first_s: float  # the first call: includes compilation when compiled
     peak_mb: float | None = None
 
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times)
+
 
 def bench_steps(name: str, device: torch.device, compiled: bool, precision: str, repeats: int, block_s: float) -> list[StepResult]:
+    """Rounds of one step per loss, the order rotated each round, so that the steps
+    compared within a round ran under about the same load."""
     bench = StepBench(name, device, list(LOSSES), compiled, precision == "bf16")
     first = {loss: bench.timed(loss, 1)[0] for loss in LOSSES}
     slowest = max(max(bench.timed(loss, 2)) for loss in LOSSES)  # warm-up
-    n = max(1, min(50, round(block_s / slowest)))
-    blocks: dict[str, list[float]] = {loss: [] for loss in LOSSES}
-    steps: dict[str, list[float]] = {loss: [] for loss in LOSSES}
+    rounds = max(repeats, min(50 * repeats, round(repeats * block_s / slowest)))
+    times: dict[str, list[float]] = {loss: [] for loss in LOSSES}
     peaks = dict.fromkeys(LOSSES, 0.0)
-    for r in range(repeats):
+    for r in range(rounds):
         for loss in LOSSES[r % len(LOSSES):] + LOSSES[: r % len(LOSSES)]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times = bench.timed(loss, n)
-            blocks[loss].append(statistics.median(times))
-            steps[loss] += times
+            times[loss] += bench.timed(loss, 1)
             if device.type == "cuda":
                 peaks[loss] = max(peaks[loss], torch.cuda.max_memory_allocated(device) / 2**20)
-    return [StepResult(name, loss, compiled, precision, bench.batch_size, bench.n_params, statistics.median(steps[loss]),
-                       blocks[loss], first[loss], peaks[loss] if device.type == "cuda" else None) for loss in LOSSES]
+    return [StepResult(name, loss, compiled, precision, bench.batch_size, bench.n_params, times[loss], first[loss],
+                       peaks[loss] if device.type == "cuda" else None) for loss in LOSSES]
 
 
 def peak_rss_bytes() -> int:
@@ -309,22 +313,31 @@ def step_table(results: list[StepResult], device: torch.device) -> str:
     return table(["model", "params", "batch", "loss", "compiled", "precision", "median ms/step", "samples/s", mem], rows)
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
 def ratio_table(results: list[StepResult]) -> str:
     by = {(r.model, r.compiled, r.precision, r.loss): r for r in results}
     rows = []
     for key in dict.fromkeys((r.model, r.compiled, r.precision) for r in results):
         fm = by[(*key, "mse")]
-        row = [MODELS[key[0]].label, "yes" if key[1] else "no", key[2], f"{fm.median_s * 1e3:.2f}"]
+        row = [MODELS[key[0]].label, "yes" if key[1] else "no", key[2], f"{fm.median_s * 1e3:.2f}", str(len(fm.times))]
         for loss in LOSSES[1:]:
-            per_repeat = [m / f for m, f in zip(by[(*key, loss)].block_medians, fm.block_medians, strict=True)]
-            row.append(f"{statistics.median(per_repeat):.2f}x ({min(per_repeat):.2f}-{max(per_repeat):.2f})")
+            mf = by[(*key, loss)]
+            q1, q2, q3 = quartiles([m / f for m, f in zip(mf.times, fm.times, strict=True)])
+            row += [f"{q2:.2f}x ({q1:.2f}-{q3:.2f})", f"{min(mf.times) / min(fm.times):.2f}x"]
         for loss in LOSSES[1:]:
             peak = by[(*key, loss)].peak_mb
             row.append("-" if peak is None or not fm.peak_mb else f"{peak / fm.peak_mb:.2f}x")
         row.append(f"{max(by[(*key, loss)].first_s for loss in LOSSES):.1f}" if key[1] else "-")
         rows.append(row)
-    return table(["model", "compiled", "precision", "FM ms/step", "fused / FM (range)", "separate / FM (range)",
-                  "fused memory / FM", "separate memory / FM", "first call s (compile)"], rows)
+    return table(["model", "compiled", "precision", "FM ms/step", "rounds", "fused / FM (IQR)", "fused best / FM best",
+                  "separate / FM (IQR)", "separate best / FM best", "fused memory / FM", "separate memory / FM",
+                  "first call s (compile)"], rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -336,7 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps of --compile-models")
     p.add_argument("--compile-models", default="mlp,cnn", help="models timed compiled with --compile")
     p.add_argument("--precision", default="fp32", help="comma list of fp32, bf16 (bf16: autocast around the loss)")
-    p.add_argument("--repeats", type=int, help="interleaved blocks per loss (default 5, quick 3)")
+    p.add_argument("--repeats", type=int, help="minimum rounds (default 5, quick 3); more while a case lasts under repeats x 1.5 s (quick 0.3 s)")
     p.add_argument("--threads", type=int, help="torch intra-op threads; 1 is steadier on a shared CPU")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; no new case starts after it")
     p.add_argument("--profile", action="store_true", help="top operators per step and per-layer JVP costs")
@@ -405,9 +418,9 @@ def main(argv: list[str] | None = None) -> str:
         for r in results:
             if not r.compiled and r.precision == "fp32":
                 r.peak_mb = cpu_peak_memory(r.model, r.loss)
-    emit("## Training step", "", f"Median over {args.repeats} interleaved blocks per loss after warm-up; clip {GRAD_CLIP}, Adam, EMA.", "",
+    emit("## Training step", "", f"Median over interleaved rounds (one step per loss each) after warm-up; clip {GRAD_CLIP}, Adam, EMA.", "",
          step_table(results, device), "", "## MeanFlow over flow matching", "",
-         "Median of the per-repeat ratios of block medians (range min-max); floor ~1.33x. "
+         "Median of the per-round ratios (interquartile range), and fastest over fastest; floor ~1.33x. "
          "Memory ratios on the CPU: eager fp32 RSS growth (fresh process per row).", "",
          ratio_table(results), "", *[f"- {n}" for n in notes], "", f"After the step benchmark: {load_line()}", "")
 

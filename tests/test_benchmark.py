@@ -50,11 +50,11 @@ def test_quick_benchmark_tables(tmp_path: Path) -> None:
         assert float(r["peak MiB (RSS growth)"]) >= 0  # CPU: measured in a fresh subprocess
 
     (ratio,) = tables["MeanFlow over flow matching"]
-    for key in ("fused / FM (range)", "separate / FM (range)"):
+    for key in ("fused / FM (IQR)", "separate / FM (IQR)"):
         median, spread = ratio[key].split(" ")  # "1.42x (1.38-1.51)"
         lo, hi = (float(v) for v in spread.strip("()").split("-"))
         assert 0 < lo <= float(median.removesuffix("x")) <= hi
-    for key in ("fused memory / FM", "separate memory / FM"):
+    for key in ("fused best / FM best", "separate best / FM best", "fused memory / FM", "separate memory / FM"):
         assert float(ratio[key].removesuffix("x")) > 0
 
     sampling = tables["Sampling"]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.layers import _eager, _tangent_grad, primal
+from models.layers import _tangent_grad, primal, use_rules
 
 ATTENTION_JVP = ("closed_form", "flash")
 
@@ -118,7 +118,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "closed_form") -> 
         from jvp_flash_attention.jvp_attention import attention as flash_jvp_attention  # CUDA-only package
 
         return flash_jvp_attention(q, k, v)
-    return AttentionFn.apply(q, k, v) if _eager() else F.scaled_dot_product_attention(q, k, v)
+    return AttentionFn.apply(q, k, v) if use_rules(q) else F.scaled_dot_product_attention(q, k, v)
 
 
 @contextmanager

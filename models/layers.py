@@ -22,7 +22,8 @@ of a tensor of zeros.
 
 The modules (``Linear``, ``Conv2d``, ``GroupNorm``, ``LayerNorm``, ``SiLU``, ``GELU``)
 subclass the ``torch.nn`` layers and keep their parameters, so state dicts are
-unchanged. Under ``torch.compile`` they fall back to the built-in ops: dynamo does not
+unchanged. Under autocast they run the built-in ops (``use_rules``). Under
+``torch.compile`` they fall back to the built-in ops as well: dynamo does not
 trace an ``autograd.Function`` with a custom ``jvp`` (torch 2.14 graph break gb0144,
 "Unsupported custom jvp"), and the compiler derives and fuses the forward-mode graph
 itself (``tests/test_compile.py`` asserts one graph).
@@ -66,9 +67,14 @@ def _tangent_grad() -> torch.autograd.grad_mode.set_grad_enabled:
     return torch.set_grad_enabled(torch.is_grad_enabled() and _TANGENT_GRAPH[-1])
 
 
-def _eager() -> bool:
-    """True outside torch.compile: the custom rules are the eager path (module docstring)."""
-    return not torch.compiler.is_compiling()
+def use_rules(x: Tensor) -> bool:
+    """Whether a layer runs its custom rule: eagerly and without autocast.
+
+    Under torch.compile the built-in ops (module docstring). Under autocast too: the
+    casts autocast inserts belong to the autograd graph of the built-in ops, and the
+    tangent pass of MeanFlow, the one place the rules pay off, runs with autocast off
+    (a half-precision tangent overflows)."""
+    return not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
 
 
 def primal(t: Tensor | None) -> Tensor | None:
@@ -178,7 +184,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) with ``LinearFn``'s JVP."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return LinearFn.apply(x, self.weight, self.bias) if _eager() else super().forward(x)
+        return LinearFn.apply(x, self.weight, self.bias) if use_rules(x) else super().forward(x)
 
 
 class Conv2d(nn.Conv2d):
@@ -190,7 +196,7 @@ class Conv2d(nn.Conv2d):
             raise ValueError(f"Conv2d padding={self.padding!r}, padding_mode={self.padding_mode!r}: expected integer zero padding")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _eager():
+        if not use_rules(x):
             return super().forward(x)
         return ConvFn.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -325,7 +331,7 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters) with ``GroupNormFn``'s JVP."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _eager():
+        if not use_rules(x):
             return group_norm_composite(x, self.num_groups, self.weight, self.bias, self.eps)
         return GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps)[0]
 
@@ -334,7 +340,7 @@ class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters) with ``LayerNormFn``'s JVP."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _eager():
+        if not use_rules(x):
             return super().forward(x)
         return LayerNormFn.apply(x, tuple(self.normalized_shape), self.weight, self.bias, self.eps)[0]
 
@@ -401,7 +407,7 @@ class GELUFn(torch.autograd.Function):
 
 
 def silu(x: Tensor) -> Tensor:
-    return SiLUFn.apply(x) if _eager() else F.silu(x)
+    return SiLUFn.apply(x) if use_rules(x) else F.silu(x)
 
 
 class SiLU(nn.SiLU):
@@ -411,4 +417,4 @@ class SiLU(nn.SiLU):
 
 class GELU(nn.GELU):
     def forward(self, x: Tensor) -> Tensor:
-        return GELUFn.apply(x, self.approximate) if _eager() else super().forward(x)
+        return GELUFn.apply(x, self.approximate) if use_rules(x) else super().forward(x)

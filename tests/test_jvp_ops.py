@@ -229,3 +229,18 @@ def test_fused_pass_saves_no_tangent_for_the_backward(kind):
     u.square().sum().backward()  # the saved values still serve the backward
     _, ref = jvp(model, (z,), (tz,))  # torch.func.jvp: the functorch path through the same rules
     torch.testing.assert_close(du, ref)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "unet", "dit"])
+def test_models_train_under_bf16_autocast(kind):
+    """Under autocast the layers run torch's own ops (the rules are for the fp32 tangent
+    pass): a bf16 forward and backward work and match the fp32 ones roughly."""
+    from tests.test_models import randomize, tiny
+
+    model = randomize(tiny(kind)).train()
+    z = gen_like((2, 5, 8, 8), 60).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(z)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(out.float(), model(z).detach(), rtol=0.1, atol=0.1)

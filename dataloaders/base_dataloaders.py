@@ -14,7 +14,7 @@ indices at once and the noise is drawn in one vectorised call.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,9 @@ class BaseItem:
     raw_source: the noise ``x_0``.
     raw_target: the data sample ``x_1``.
     label: class ids (B,) int64, or None for unlabelled data.
+    aug_label: the EDM augment label of each sample (B, 6) when ``dataloaders.augment``
+        is on (what was applied: flip, scalings, translation), else None; a model
+        conditioned on it is sampled with a zero label (no augmentation).
 
     The straight-path fields, filled by ``at_time`` for the losses that read the path at
     one time (flow matching); a loss that draws its own times (MeanFlow draws pairs)
@@ -78,6 +81,7 @@ class BaseItem:
     raw_source: Tensor
     raw_target: Tensor
     label: Tensor | None = None
+    aug_label: Tensor | None = None
     t: Tensor | None = None
     input: Tensor | None = None
     unified_input: Tensor | None = None
@@ -85,7 +89,7 @@ class BaseItem:
 
     def at_time(self, t: Tensor) -> BaseItem:
         """This batch with the straight-path fields at times ``t`` (B,)."""
-        return make_base_item(self.raw_target, self.raw_source, t, self.label)
+        return replace(make_base_item(self.raw_target, self.raw_source, t, self.label), aug_label=self.aug_label)
 
     def map(self, fn) -> BaseItem:
         """Apply ``fn`` to every tensor field (None stays None)."""
@@ -200,9 +204,10 @@ class DictDatasetAdapter(Dataset):
     resume.
     """
 
-    def __init__(self, dataset: Dataset, use_labels: bool = True) -> None:
+    def __init__(self, dataset: Dataset, use_labels: bool = True, augment=None) -> None:
         self.dataset = dataset
         self.use_labels = use_labels
+        self.augment = augment  # an image augment pipe ``x -> (x, aug_label)`` (dataloaders/augment.py), or None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -212,8 +217,9 @@ class DictDatasetAdapter(Dataset):
 
     def __getitems__(self, indices: list[int]) -> BaseItem:
         x1, label = stack_targets(self.dataset, indices)
-        x1 = x1.float()
-        return BaseItem(raw_source=torch.randn_like(x1), raw_target=x1, label=label if self.use_labels else None)
+        x1, aug_label = (x1.float(), None) if self.augment is None else self.augment(x1.float())
+        return BaseItem(raw_source=torch.randn_like(x1), raw_target=x1, label=label if self.use_labels else None,
+                        aug_label=aug_label)
 
 
 def collate_base_items(batch: BaseItem | list[BaseItem]) -> BaseItem:
@@ -273,8 +279,10 @@ class EpochSampler(Sampler[int]):
 def make_train_loader(cfg, dataset: Dataset, epoch: int, rank: int = 0, world: int = 1, start_batch: int = 0) -> DataLoader:
     """The loader of ``epoch`` for this rank, starting at batch ``start_batch``."""
     sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, rank, world, start_batch)
+    augment_cfg = cfg.dataloaders.get("augment")  # training batches only: held-out and reference data stay as they are
+    augment = None if augment_cfg is None else instantiate_allowed(augment_cfg, ("dataloaders.",), "augment")
     return DataLoader(
-        DictDatasetAdapter(dataset),
+        DictDatasetAdapter(dataset, augment=augment),
         batch_size=cfg.batch_size,
         sampler=sampler,
         drop_last=True,

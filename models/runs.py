@@ -134,14 +134,14 @@ class RunLayout:
         return handle
 
     def claim(self, resume: bool, overwrite: bool, trackio: bool) -> IO[str]:
-        """Lock the run folder, check again under the lock that the run may start (no other
-        launch got in between), and check that its outputs (and trackio's store) are
-        writable; returns the lock to ``unlock`` at the end."""
-        handle = self.lock()
-        self.start(resume, overwrite)
+        """Check that the run's outputs (and trackio's store) are writable, lock the run
+        folder, and check again under the lock that the run may start (no other launch
+        got in between); returns the lock to ``unlock`` at the end."""
         self.check_writable()
         if trackio:
             check_trackio_dir()
+        handle = self.lock()
+        self.start(resume, overwrite)
         return handle
 
     def unlock(self, handle: IO[str]) -> None:

@@ -130,39 +130,26 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
-def exit_status(err: BaseException) -> int | None:
-    """The exit status of an error the user should see as one line (None: a bug, re-raised).
-
-    ``RunError`` carries its own (2: fix the input; 1: training failed; 128 + N: stopped
-    by signal N); a constructor's or a loader's ``ValueError`` / ``FileNotFoundError``
-    and an OmegaConf error (a bad interpolation, a missing key) are input errors.
-    """
+def run_config(cfg) -> int:
+    """Validate and train (or evaluate) a composed config. Every error the user should see
+    becomes one line on stderr and its exit status here, and nowhere else: ``RunError``
+    carries its own (2: fix the input; 1: training failed; 128 + N: stopped by signal N);
+    a constructor's or a loader's ``ValueError`` / ``FileNotFoundError`` and an OmegaConf
+    error (a bad interpolation, a missing key) are input errors (2)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from models.runs import RunError
-
-    if isinstance(err, RunError):
-        return err.exit_code
-    if isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, OmegaConfBaseException)):
-        return 2
-    return None
-
-
-def run_config(cfg) -> int:
-    """Validate and train (or evaluate) a composed config; every user-facing error is
-    one line on stderr and its exit status, here and nowhere else."""
     import train
+    from models.runs import RunError
 
     try:
         validate_config(cfg)
         train.run(cfg)
     except KeyboardInterrupt:
         return fail("interrupted; the last checkpoint written is kept", code=130)
-    except Exception as err:
-        code = exit_status(err)
-        if code is None or os.environ.get("DZ_TRACEBACK"):
+    except (RunError, ValueError, FileNotFoundError, NotADirectoryError, OmegaConfBaseException) as err:
+        if os.environ.get("DZ_TRACEBACK"):
             raise
-        return fail(one_line(err), code)
+        return fail(one_line(err), err.exit_code if isinstance(err, RunError) else 2)
     return 0
 
 

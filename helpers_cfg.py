@@ -27,9 +27,12 @@ def null_labels(batch: int, num_classes: int, device: torch.device | str) -> Ten
     return torch.full((batch,), num_classes, dtype=torch.long, device=device)
 
 
-def conditional_and_null(model: nn.Module, z: Tensor, label: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """``(u(z | label), u(z | ∅))`` from one batched forward of twice the batch."""
-    both = model(torch.cat([z, z]), torch.cat([label, null_labels(label.shape[0], num_classes, label.device)]))
+def conditional_and_null(model: nn.Module, z: Tensor, label: Tensor, num_classes: int,
+                         aug: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(u(z | label), u(z | ∅))`` from one batched forward of twice the batch (with the
+    batch's augment labels, if any, on both halves)."""
+    labels = torch.cat([label, null_labels(label.shape[0], num_classes, label.device)])
+    both = model(torch.cat([z, z]), labels) if aug is None else model(torch.cat([z, z]), labels, torch.cat([aug, aug]))
     cond, uncond = both.chunk(2)
     return cond, uncond
 

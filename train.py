@@ -105,7 +105,7 @@ class Trainer:
             self._init_from(cfg.init_from)
         with rewound_rng(self.device):  # the probe must not shift the RNG stream (exact resume)
             probe = next(iter(make_train_loader(cfg, self.train_set, 0))).to(self.device)
-            self.loss_fn.check_model(self.model, probe)
+            self.loss_fn.check(self.model, probe)
         self.evaluator = Evaluator(cfg, self.loss_fn, self.device, self.vae) if self.is_main else None
         # All input checked: hold the run folder, and fail now on unwritable outputs, not at the first save.
         self.run_lock = self.layout.claim(cfg.resume, cfg.overwrite, cfg.trackio.enabled) if self.is_main else None

@@ -133,6 +133,8 @@ class AlphaFlowLoss(MeanFlowLoss):
             ``MeanFlowLoss`` (the JVP runs only once α = 0).
     """
 
+    passes_augment_labels = False  # its forward does not hand batch.aug_label to the model
+
     def __init__(
         self,
         time: dict | None = None,

@@ -17,13 +17,23 @@ from models.checkpoint import instantiate_allowed
 from solvers.sampling import DiagonalSampler, Sampler
 
 
+def call_model(model: nn.Module, z: Tensor, label: Tensor | None, aug: Tensor | None) -> Tensor:
+    """``model(z, label)``, with the batch's augment labels when the data was augmented."""
+    return model(z, label) if aug is None else model(z, label, aug)
+
+
 class BaseLoss(nn.Module, ABC):
     """Subclasses implement ``forward(model, batch) -> Tensor`` (a scalar).
 
     Attributes:
         metrics: detached scalars from the last call, logged as ``train/<key>`` (averaged
             over the logging interval), e.g. the unweighted MSE of a weighted loss.
+        passes_augment_labels: whether ``forward`` hands ``batch.aug_label`` to the model
+            (``call_model``); a loss that does not refuses augmented data at start-up, so
+            a model never trains on augmented images without knowing it.
     """
+
+    passes_augment_labels: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,6 +59,14 @@ class BaseLoss(nn.Module, ABC):
         options = {k: v for k, v in solver_cfg.items() if k != "name"}
         name = f"{solver_cfg.name}{eval_cfg.steps}"
         return {name: DiagonalSampler(solver_cfg.name, eval_cfg.steps, eval_cfg.guidance_scale, num_classes, options=options)}
+
+    def check(self, model: nn.Module, batch: BaseItem) -> None:
+        """What the loop calls once before training, with a real batch: the checks every
+        loss shares, then the loss's own ``check_model``."""
+        if batch.aug_label is not None and not self.passes_augment_labels:
+            raise ValueError(f"{type(self).__name__} does not pass augment labels to the model: "
+                             "drop dataloaders.augment (set it to null) for this loss")
+        self.check_model(model, batch)
 
     def check_model(self, model: nn.Module, batch: BaseItem) -> None:
         """Called once before training with a real batch: raise a one-line ValueError if

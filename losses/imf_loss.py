@@ -73,6 +73,8 @@ class IMFLoss(MeanFlowLoss):
         jvp_mode: ``fused`` | ``separate`` | ``auto`` (``losses/meanflow_loss.py``).
     """
 
+    passes_augment_labels = False  # its forward does not hand batch.aug_label to the model
+
     def __init__(
         self,
         time: dict | None = None,

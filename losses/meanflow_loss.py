@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
 from helpers_cfg import conditional_and_null, training_labels
-from losses.base_loss import BaseLoss
+from losses.base_loss import BaseLoss, call_model
 from losses.time_sampling import make_pair_sampler
 from models.jvp import JVP_MODES as PASS_MODES
 from models.jvp import primal_and_tangent, rewound_rng
@@ -69,6 +69,8 @@ class MeanFlowLoss(BaseLoss):
             ``separate`` (a no-grad JVP plus a separate forward), or ``auto``: chosen
             per model at the first step, see ``AUTO_FUSED_MIN_PARAMS````
     """
+
+    passes_augment_labels = True  # call_model(..., batch.aug_label) in forward
 
     def __init__(
         self,
@@ -117,12 +119,14 @@ class MeanFlowLoss(BaseLoss):
 
     # --- the target ------------------------------------------------------------------
 
-    def guided_velocity(self, model: nn.Module, x: Tensor, s: Tensor, v: Tensor, label: Tensor | None, dropped: Tensor | None) -> Tensor:
+    def guided_velocity(self, model: nn.Module, x: Tensor, s: Tensor, v: Tensor, label: Tensor | None, dropped: Tensor | None,
+                        aug: Tensor | None = None) -> Tensor:
         """``ṽ`` of the module docstring (no gradient); plain ``v`` when unguided."""
         if not self.guided or label is None:
             return v
         with torch.no_grad():
-            u_cond, u_null = conditional_and_null(model, make_unified_flow_matching_input(x, s, s), label, self.num_classes)
+            z = make_unified_flow_matching_input(x, s, s)
+            u_cond, u_null = conditional_and_null(model, z, label, self.num_classes, aug)
             u_cond, u_null = u_cond.to(v.dtype), u_null.to(v.dtype)
         v_guided = self.cfg_omega * v + self.cfg_kappa * u_cond + (1 - self.cfg_omega - self.cfg_kappa) * u_null
         lo, hi = self.cfg_interval
@@ -130,7 +134,7 @@ class MeanFlowLoss(BaseLoss):
         return torch.where(broadcast_time(apply, v), v_guided, v)
 
     def prediction_and_target(
-        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, label: Tensor | None
+        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, label: Tensor | None, aug: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``u_θ(x, s, t)`` (with gradient) and ``sg(v + (t - s) du/ds)`` (paper Eq. 10).
 
@@ -143,8 +147,8 @@ class MeanFlowLoss(BaseLoss):
         z = make_unified_flow_matching_input(x.to(wide), s, t)
         tangent_z = make_unified_flow_matching_input(v, torch.ones_like(s), torch.zeros_like(t))
 
-        def u_fn(z_in: Tensor) -> Tensor:
-            return model(z_in, label)
+        def u_fn(z_in: Tensor) -> Tensor:  # labels and augment labels are constants of the JVP
+            return call_model(model, z_in, label, aug)
 
         if self.jvp_mode == "auto":  # decided once, on the first model seen
             n_params = sum(p.numel() for p in model.parameters())
@@ -165,9 +169,10 @@ class MeanFlowLoss(BaseLoss):
         v = x1 - x0  # conditional velocity
         label = training_labels(batch.label, self.num_classes, self.class_drop_prob)
         dropped = None if label is None else label == self.num_classes
-        v_tgt = self.guided_velocity(model, x_s, s, v.to(torch.promote_types(v.dtype, torch.float32)), label, dropped)
+        v_tgt = self.guided_velocity(model, x_s, s, v.to(torch.promote_types(v.dtype, torch.float32)), label, dropped,
+                                     batch.aug_label)
         with torch.autocast(device.type, enabled=False):
-            u, u_tgt = self.prediction_and_target(model, x_s, s, t, v_tgt, label)
+            u, u_tgt = self.prediction_and_target(model, x_s, s, t, v_tgt, label, batch.aug_label)
             per_sample = (u - u_tgt).pow(2).flatten(1).sum(dim=1)  # ||Δ||² per sample
             weight = (per_sample.detach() + self.eps).pow(-self.p) if self.p > 0 else torch.ones_like(per_sample)
             loss = (weight * per_sample).mean()

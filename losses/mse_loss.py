@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem
 from helpers_cfg import training_labels
-from losses.base_loss import BaseLoss
+from losses.base_loss import BaseLoss, call_model
 from losses.time_sampling import make_time_sampler
 
 
@@ -24,6 +24,8 @@ class FlowMatchingMSELoss(BaseLoss):
         class_drop_prob: probability of replacing a label by the null class, so the
             model also learns the unconditional velocity for guidance at sampling.
     """
+
+    passes_augment_labels = True  # call_model(..., batch.aug_label) in forward
 
     def __init__(self, time: dict | None = None, num_classes: int = 0, class_drop_prob: float = 0.0) -> None:
         super().__init__()
@@ -41,5 +43,5 @@ class FlowMatchingMSELoss(BaseLoss):
         if batch.t is None:  # the loader gives data and noise; the times are this loss's
             batch = batch.at_time(self.time_sampler.sample(len(batch), batch.raw_target.device))
         label = training_labels(batch.label, self.num_classes, self.class_drop_prob)
-        pred = model(batch.unified_input, label)
+        pred = call_model(model, batch.unified_input, label, batch.aug_label)
         return (pred.float() - batch.target.float()).pow(2).mean()

@@ -11,6 +11,7 @@ MeanFlow model. Each time gets its own embedder and the two are summed.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.layers import Linear, SiLU
@@ -70,6 +71,21 @@ class ClassEmbedder(nn.Module):
 
     def forward(self, y: Tensor) -> Tensor:
         return self.table(y)  # (B, out_dim)
+
+
+class AugmentEmbedder(nn.Module):
+    """The EDM augment label's bias-free linear map into the embedding (EDM's
+    ``map_augment``, used by py-meanflow's UNet): (B, augment_dim) -> (B, out_dim), so
+    the zero label of sampling adds nothing. A plain parameter, not an ``nn.Linear``, so
+    the models' init loops (which zero every Linear bias) leave it alone."""
+
+    def __init__(self, augment_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, augment_dim))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, aug: Tensor) -> Tensor:
+        return F.linear(aug, self.weight)  # (B, out_dim)
 
 
 def check_levels(model: str, image_size: int, channel_mult: tuple[int, ...]) -> None:

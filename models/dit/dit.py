@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from models.attention import attention, check_attention_jvp
 from models.base_model import BaseModel, split_unified_input
-from models.embeddings import ClassEmbedder, IntervalTimeEmbedder
+from models.embeddings import AugmentEmbedder, ClassEmbedder, IntervalTimeEmbedder
 from models.layers import Conv2d, GELU, LayerNorm, Linear, SiLU
 
 
@@ -113,6 +113,8 @@ class DiT(BaseModel):
         mlp_ratio: MLP width / D.
         num_classes: 0 for unconditional; else a class embedding with a learned null
             class at index ``num_classes``.
+        augment_dim: size of the EDM augment label (0: none); its bias-free linear map
+            is added to the conditioning vector beside the class (zero label at sampling).
         frequency_dim: size of the sinusoidal time embeddings before their MLPs.
         attention_jvp: ``closed_form`` (SDPA primal, closed-form tangent, any device) or
             ``flash`` (the jvp-flash-attention Triton kernel; CUDA only, checked here
@@ -129,10 +131,11 @@ class DiT(BaseModel):
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
+        augment_dim: int = 0,
         frequency_dim: int = 256,
         attention_jvp: str = "closed_form",
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__(num_classes, augment_dim)
         check_attention_jvp(attention_jvp)
         if image_size % patch_size != 0:
             fits = [p for p in (1, 2, 4, 8, 16) if image_size % p == 0]
@@ -151,6 +154,7 @@ class DiT(BaseModel):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
         self.time_embed = IntervalTimeEmbedder(hidden_size, frequency_dim)
         self.class_embed = ClassEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.augment_embed = AugmentEmbedder(augment_dim, hidden_size) if augment_dim > 0 else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, attention_jvp) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
@@ -189,14 +193,17 @@ class DiT(BaseModel):
         x = x.reshape(b, g, g, p, p, c)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
-    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
         x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
         y = self.labels(y, z)  # None or (B,), the null class where no label
+        aug = self.augment_labels(aug, z)  # None or (B, augment_dim), zeros where not augmented
         h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, T, D), T = (H/p)(W/p)
         h = h + self.pos_embed.to(h.dtype)  # (B, T, D)
         c = self.time_embed(s, t)  # (B, D)
         if self.class_embed is not None:
             c = c + self.class_embed(y)
+        if self.augment_embed is not None:
+            c = c + self.augment_embed(aug)  # the augment label beside the class in the conditioning
         for block in self.blocks:
             h = block(h, c)  # (B, T, D)
         h = self.final_layer(h, c)  # (B, T, p*p*C)

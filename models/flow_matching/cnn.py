@@ -113,9 +113,10 @@ class SmallCNN(BaseModel):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
         x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
         y = self.labels(y, z)  # None or (B,), the null class where no label
+        self.augment_labels(aug, z)  # no augment input: refuses labels
         emb = self.time_embed(s, t)  # (B, E)
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)

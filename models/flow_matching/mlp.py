@@ -78,9 +78,10 @@ class MLP(BaseModel):
         self.rest = nn.Sequential(*layers[2:])
         self.out = Linear(hidden, data_dim)
 
-    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
         x, s, t = split_unified_input(z)  # (B, D), (B,), (B,)
         y = self.labels(y, z)  # None or (B,), the null class where no label
+        self.augment_labels(aug, z)  # no augment input: refuses labels
         feats = [z]
         if self.time_embed_dim > 0:
             feats += [fourier_time_features(s, self.time_embed_dim, self.max_freq), fourier_time_features(t - s, self.time_embed_dim, self.max_freq)]

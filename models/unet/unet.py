@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from models.attention import attention
 from models.base_model import BaseModel, split_unified_input
-from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_levels
+from models.embeddings import AugmentEmbedder, ClassEmbedder, IntervalTimeEmbedder, check_levels
 from models.layers import Conv2d, GroupNorm, Linear, silu
 
 SKIP_SCALE = 1 / math.sqrt(2)  # DDPM++ rescales every residual sum so its variance stays ~1
@@ -108,6 +108,8 @@ class UNet(BaseModel):
         dropout: dropout inside the residual blocks (0.2 on CIFAR-10 in MeanFlow/DDPM++).
         num_classes: 0 for unconditional; else a class embedding with a learned null
             class at index ``num_classes`` is added to the time embedding.
+        augment_dim: size of the EDM augment label (0: none); its bias-free linear map
+            is added to the time embedding beside the class (zero label at sampling).
         num_heads: attention heads (DDPM++ uses 1).
     """
 
@@ -121,9 +123,10 @@ class UNet(BaseModel):
         attention_resolutions: list[int] | tuple[int, ...] = (16,),
         dropout: float = 0.0,
         num_classes: int = 0,
+        augment_dim: int = 0,
         num_heads: int = 1,
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__(num_classes, augment_dim)
         channel_mult = tuple(channel_mult)
         attention_resolutions = tuple(attention_resolutions)
         check_levels("UNet", image_size, channel_mult)
@@ -139,6 +142,7 @@ class UNet(BaseModel):
 
         self.time_embed = IntervalTimeEmbedder(emb_dim, frequency_dim=model_channels)
         self.class_embed = ClassEmbedder(num_classes, emb_dim) if num_classes > 0 else None
+        self.augment_embed = AugmentEmbedder(augment_dim, emb_dim) if augment_dim > 0 else None
 
         # Encoder: every module's output is kept as a skip for the decoder.
         self.conv_in = Conv2d(in_channels, model_channels, 3, padding=1)
@@ -204,12 +208,15 @@ class UNet(BaseModel):
         # Zero output conv: the initial velocity is 0 everywhere.
         nn.init.zeros_(self.conv_out.weight)
 
-    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
         x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
         y = self.labels(y, z)  # None or (B,), the null class where no label
+        aug = self.augment_labels(aug, z)  # None or (B, augment_dim), zeros where not augmented
         emb = self.time_embed(s, t)  # (B, E)
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)
+        if self.augment_embed is not None:
+            emb = emb + self.augment_embed(aug)  # the augment label beside the class (EDM's map_augment)
         emb = silu(emb)  # the blocks' embedding projections see SiLU(emb), as in ADM
 
         h = self.conv_in(x)  # (B, model_channels, H, W)

@@ -346,6 +346,99 @@ class LayerNorm(nn.LayerNorm):
 
 
 # ---------------------------------------------------------------------------------
+# adaLN (DiT): per-sample scale, shift and gate of a token sequence
+# ---------------------------------------------------------------------------------
+
+
+class ModulateFn(torch.autograd.Function):
+    """``x (1 + scale) + shift`` for x (B, T, D), shift and scale (B, D); tangent
+    ``t_x (1 + scale) + x t_scale + t_shift`` in two fused multiply-adds."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, _, scale = inputs
+        ctx.set_materialize_grads(False)
+        x, scale = primal(x), primal(scale)
+        ctx.save_for_backward(x, scale)
+        ctx.save_for_forward(x, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, ...]:
+        if grad is None:
+            return None, None, None
+        x, scale = ctx.saved_tensors
+        need_x, need_shift, need_scale = ctx.needs_input_grad
+        return (grad * (1 + scale[:, None]) if need_x else None, grad.sum(1) if need_shift else None,
+                (grad * x).sum(1) if need_scale else None)
+
+    @staticmethod
+    def jvp(ctx, tx, tshift, tscale) -> Tensor | None:
+        x, scale = ctx.saved_tensors
+        with _tangent_grad():
+            out = None if tshift is None else tshift[:, None].expand_as(x)
+            if tscale is not None:
+                out = x * tscale[:, None] if out is None else torch.addcmul(out, x, tscale[:, None])
+            if tx is not None:
+                out = tx * (1 + scale[:, None]) if out is None else torch.addcmul(out, tx, 1 + scale[:, None])
+            return out
+
+
+class GatedResidualFn(torch.autograd.Function):
+    """``x + gate y`` for x, y (B, T, D) and gate (B, D); tangent
+    ``t_x + gate t_y + t_gate y`` in two fused multiply-adds."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+        return torch.addcmul(x, gate[:, None], y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, gate, y = inputs
+        ctx.set_materialize_grads(False)
+        gate, y = primal(gate), primal(y)
+        ctx.save_for_backward(gate, y)
+        ctx.save_for_forward(gate, y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, ...]:
+        if grad is None:
+            return None, None, None
+        gate, y = ctx.saved_tensors
+        need_x, need_gate, need_y = ctx.needs_input_grad
+        return (grad if need_x else None, (grad * y).sum(1) if need_gate else None,
+                grad * gate[:, None] if need_y else None)
+
+    @staticmethod
+    def jvp(ctx, tx, tgate, ty) -> Tensor | None:
+        gate, y = ctx.saved_tensors
+        with _tangent_grad():
+            out = tx
+            if ty is not None:
+                out = ty * gate[:, None] if out is None else torch.addcmul(out, gate[:, None], ty)
+            if tgate is not None:
+                out = tgate[:, None] * y if out is None else torch.addcmul(out, tgate[:, None], y)
+            return out
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: (B, T, D) scaled and shifted per sample by (B, D) vectors."""
+    return ModulateFn.apply(x, shift, scale) if use_rules(x) else x * (1 + scale[:, None]) + shift[:, None]
+
+
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """adaLN-Zero's gated branch: ``x + gate y``, (B, T, D) and (B, D)."""
+    return GatedResidualFn.apply(x, gate, y) if use_rules(x) else x + gate[:, None] * y
+
+
+# ---------------------------------------------------------------------------------
 # Activations: the Jacobian is diagonal, so the tangent is the backward kernel applied
 # to the input tangent (one fused element-wise kernel)
 # ---------------------------------------------------------------------------------

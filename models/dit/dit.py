@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from models.attention import attention, check_attention_jvp
 from models.base_model import BaseModel, split_unified_input
 from models.embeddings import AugmentEmbedder, ClassEmbedder, IntervalTimeEmbedder
-from models.layers import Conv2d, GELU, LayerNorm, Linear, SiLU
+from models.layers import GELU, Conv2d, LayerNorm, Linear, SiLU, gated_residual, modulate
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
@@ -41,11 +41,6 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
         return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (T, dim/2)
 
     return torch.cat([embed(cols), embed(rows)], dim=1).float()  # (T, dim)
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: (B, T, D) scaled and shifted per sample by (B, D) vectors."""
-    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 class SelfAttention(nn.Module):
@@ -81,8 +76,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)  # each (B, D)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))  # (B, T, D)
-        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        x = gated_residual(x, gate_a, self.attn(modulate(self.norm1(x), shift_a, scale_a)))  # (B, T, D)
+        x = gated_residual(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
         return x
 
 

@@ -103,14 +103,8 @@ class RunLayout:
         """Create the run's folders now, so an unwritable ``output_dir`` (or a file in its
         place) is one line before the first step, not a traceback at the first save."""
         for folder in (self.run_dir, self.archive_dir, self.plots):
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = folder / f".write-test-{os.getpid()}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as err:
-                raise RunError(f"output_dir={self.output_dir}: cannot write {folder} ({err.strerror or err}): "
-                               "choose a writable output_dir") from None
+            if (err := write_error(folder)) is not None:
+                raise RunError(f"output_dir={self.output_dir}: cannot write {folder} ({err}): choose a writable output_dir")
 
     def lock(self) -> IO[str]:
         """Hold the run folder until the returned file is closed (or the process ends): a
@@ -209,20 +203,27 @@ def resume_changes(saved: dict, current: dict) -> dict[str, tuple]:
     return {k: v for k, v in changed.items() if k.split(".")[0] not in FREE_ON_RESUME and k != "command"}
 
 
+def write_error(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created and written to, or None if it can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
 def check_trackio_dir() -> None:
     """trackio's store must be writable before the first step (else every metric is lost
     and the run cannot be resumed with its history)."""
     from trackio.utils import TRACKIO_DIR
 
     store = Path(TRACKIO_DIR)
-    try:
-        store.mkdir(parents=True, exist_ok=True)
-        probe = store / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise RunError(f"TRACKIO_DIR={store} is not writable ({err.strerror or err}): set TRACKIO_DIR to a writable "
-                       "folder or pass trackio.enabled=false") from None
+    if (err := write_error(store)) is not None:
+        raise RunError(f"TRACKIO_DIR={store} is not writable ({err}): set TRACKIO_DIR to a writable folder "
+                       "or pass trackio.enabled=false")
 
 
 def is_run_file(relative: PurePosixPath, run: str) -> bool:

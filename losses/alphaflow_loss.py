@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
 from helpers_cfg import training_labels
+from losses.base_loss import call_model
 from losses.meanflow_loss import MeanFlowLoss
 from losses.time_sampling import PairSampler, _check_law, _check_ratio, _from_paper, logit_normal
 from models.jvp import rewound_rng
@@ -133,7 +134,7 @@ class AlphaFlowLoss(MeanFlowLoss):
             ``MeanFlowLoss`` (the JVP runs only once α = 0).
     """
 
-    passes_augment_labels = False  # its forward does not hand batch.aug_label to the model
+    passes_augment_labels = True  # call_model(..., batch.aug_label) in every forward
 
     def __init__(
         self,
@@ -186,34 +187,36 @@ class AlphaFlowLoss(MeanFlowLoss):
 
     @torch.no_grad()
     def finite_step_target(self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, label: Tensor | None,
-                           alpha: float) -> Tensor:
+                           alpha: float, aug: Tensor | None = None) -> Tensor:
         """``α ṽ + (1 - α) u_θ(x + dt ṽ, s + dt, t)`` with ``dt = α (t - s)`` (no gradient;
         the reference's ``(dt ṽ + (t - s - dt) u_next) / (t - s)``), optionally clipped."""
         if alpha == 1.0:  # the reference skips the forward: its weight is 0
             target = v
         else:
             dt = alpha * (t - s)
-            u_next = model(make_unified_flow_matching_input(x + broadcast_time(dt, x) * v, s + dt, t), label).to(v.dtype)
+            z_next = make_unified_flow_matching_input(x + broadcast_time(dt, x) * v, s + dt, t)
+            u_next = call_model(model, z_next, label, aug).to(v.dtype)
             target = alpha * v + (1 - alpha) * u_next
         if self.clamp_target is not None:
             target = target.clamp(-self.clamp_target, self.clamp_target)
         return target
 
     def prediction_target_weight(self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, label: Tensor | None,
-                                 alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+                                 alpha: float, aug: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``u_θ(x, s, t)`` (with gradient), its target and the per-sample weight numerator."""
         if alpha == 0.0:  # MeanFlow's JVP target on every pair (ṽ itself where s = t)
-            u, target = self.prediction_and_target(model, x, s, t, v, label)
+            u, target = self.prediction_and_target(model, x, s, t, v, label, aug)
             return u, target, torch.ones_like(s)
         wide = torch.promote_types(x.dtype, torch.float32)
         x, s, t, v = x.to(wide), s.to(wide), t.to(wide), v.to(wide)
         distinct = s != t
         target, weight = v.clone(), torch.ones_like(s)
         if bool(distinct.any()):
-            sub = None if label is None else label[distinct]
-            target[distinct] = self.finite_step_target(model, x[distinct], s[distinct], t[distinct], v[distinct], sub, alpha)
+            sub, sub_aug = (None if c is None else c[distinct] for c in (label, aug))
+            target[distinct] = self.finite_step_target(model, x[distinct], s[distinct], t[distinct], v[distinct], sub, alpha,
+                                                       sub_aug)
             weight = torch.where(distinct, torch.full_like(s, alpha), weight)
-        u = model(make_unified_flow_matching_input(x, s, t), label).to(wide)
+        u = call_model(model, make_unified_flow_matching_input(x, s, t), label, aug).to(wide)
         return u, target, weight
 
     # --- the loss --------------------------------------------------------------------
@@ -228,9 +231,10 @@ class AlphaFlowLoss(MeanFlowLoss):
         v = x1 - x0  # conditional velocity
         label = training_labels(batch.label, self.num_classes, self.class_drop_prob)
         dropped = None if label is None else label == self.num_classes
-        v_tgt = self.guided_velocity(model, x_s, s, v.to(torch.promote_types(v.dtype, torch.float32)), label, dropped)
+        v_tgt = self.guided_velocity(model, x_s, s, v.to(torch.promote_types(v.dtype, torch.float32)), label, dropped,
+                                     batch.aug_label)
         with torch.autocast(device.type, enabled=False):
-            u, target, numerator = self.prediction_target_weight(model, x_s, s, t, v_tgt, label, alpha)
+            u, target, numerator = self.prediction_target_weight(model, x_s, s, t, v_tgt, label, alpha, batch.aug_label)
             per_sample = (u - target).pow(2).flatten(1).mean(dim=1)  # reference: mean over dimensions
             weight = numerator / (per_sample.detach() + self.eps).pow(self.p) if self.p > 0 else numerator
             loss = (weight * per_sample).mean()

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
 from helpers_cfg import conditional_and_null, training_labels
+from losses.base_loss import call_model
 from losses.meanflow_loss import AUTO_FUSED_MIN_PARAMS, MeanFlowLoss
 from models.jvp import primal_and_tangent
 
@@ -73,7 +74,7 @@ class IMFLoss(MeanFlowLoss):
         jvp_mode: ``fused`` | ``separate`` | ``auto`` (``losses/meanflow_loss.py``).
     """
 
-    passes_augment_labels = False  # its forward does not hand batch.aug_label to the model
+    passes_augment_labels = True  # call_model(..., batch.aug_label) in every forward
 
     def __init__(
         self,
@@ -102,7 +103,8 @@ class IMFLoss(MeanFlowLoss):
 
     @torch.no_grad()
     def tangent_and_guided_velocity(
-        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, label: Tensor | None, dropped: Tensor | None
+        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, label: Tensor | None, dropped: Tensor | None,
+        aug: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(v_c, v_g)``: the JVP's state tangent and the regression target (no gradient).
 
@@ -112,9 +114,9 @@ class IMFLoss(MeanFlowLoss):
         """
         z_diag = make_unified_flow_matching_input(x, s, s)
         if self.guided:  # one batched forward gives v_c and v_u
-            v_c, v_u = (out.to(v.dtype) for out in conditional_and_null(model, z_diag, label, self.num_classes))
+            v_c, v_u = (out.to(v.dtype) for out in conditional_and_null(model, z_diag, label, self.num_classes, aug))
         elif self.tangent == "predicted":
-            v_c, v_u = model(z_diag, label).to(v.dtype), None
+            v_c, v_u = call_model(model, z_diag, label, aug).to(v.dtype), None
         else:  # MeanFlow's tangent, nothing to evaluate
             v_c, v_u = None, None
         if v_u is None:
@@ -127,7 +129,8 @@ class IMFLoss(MeanFlowLoss):
         return (v_c if self.tangent == "predicted" else v_g), v_g  # conditional: MeanFlow's guided tangent
 
     def compound_prediction(
-        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, tangent: Tensor, label: Tensor | None
+        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, tangent: Tensor, label: Tensor | None,
+        aug: Tensor | None = None,
     ) -> Tensor:
         """``V = u_θ(x, s, t) - (t - s) sg(du/ds)`` along ``(tangent, 1, 0)`` on ``(x, s, t)``
         (the paper's ``V = u + (t - r) sg(du/dt)``), with ``u``'s gradient; float32 (or
@@ -137,8 +140,8 @@ class IMFLoss(MeanFlowLoss):
         z = make_unified_flow_matching_input(x.to(wide), s, t)
         tangent_z = make_unified_flow_matching_input(tangent, torch.ones_like(s), torch.zeros_like(t))
 
-        def u_fn(z_in: Tensor) -> Tensor:
-            return model(z_in, label)
+        def u_fn(z_in: Tensor) -> Tensor:  # labels and augment labels are constants of the JVP
+            return call_model(model, z_in, label, aug)
 
         if self.jvp_mode == "auto":  # decided once, on the first model seen
             n_params = sum(p.numel() for p in model.parameters())
@@ -161,8 +164,9 @@ class IMFLoss(MeanFlowLoss):
         dropped = None if label is None else label == self.num_classes
         with torch.autocast(device.type, enabled=False):
             x_w, s_w, t_w = x_s.to(wide), s.to(wide), t.to(wide)
-            tangent, v_g = self.tangent_and_guided_velocity(model, x_w, s_w, t_w, v, batch.label if label is not None else None, dropped)
-            big_v = self.compound_prediction(model, x_w, s_w, t_w, tangent, label)
+            kept = batch.label if label is not None else None  # the label before dropping, for v_c
+            tangent, v_g = self.tangent_and_guided_velocity(model, x_w, s_w, t_w, v, kept, dropped, batch.aug_label)
+            big_v = self.compound_prediction(model, x_w, s_w, t_w, tangent, label, batch.aug_label)
             per_sample = (big_v - v_g).pow(2).flatten(1).sum(dim=1)  # ||V - v_g||² per sample (imf.py loss_u)
             weight = (per_sample.detach() + self.eps).pow(-self.p) if self.p > 0 else torch.ones_like(per_sample)
             loss = (weight * per_sample).mean()

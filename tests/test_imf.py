@@ -320,3 +320,23 @@ def test_half_precision_autocast_leaves_the_targets_in_fp32() -> None:
         loss = IMFLoss(jvp_mode="separate")(model, make_batch())
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert len(seen) == 3 and all(d == torch.float32 for d in seen), seen  # v_c, JVP, prediction
+
+
+def test_augment_labels_reach_the_model() -> None:
+    """EDM augment labels go to every forward (tangent, JVP, prediction), as MeanFlow's."""
+    from dataloaders.augment import AugmentPipe
+    from dataloaders.base_dataloaders import DictDatasetAdapter, TensorTargetDataset
+    from models.unet.unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(in_channels=3, image_size=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                 attention_resolutions=[], dropout=0.0, augment_dim=6)
+    with torch.no_grad():  # off the zero-output init, where no gradient reaches the embeddings
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    adapter = DictDatasetAdapter(TensorTargetDataset(torch.rand(64, 3, 8, 8) * 2 - 1), augment=AugmentPipe.meanflow_cifar10(p=1.0))
+    batch = adapter.__getitems__(list(range(8)))
+    loss_fn = IMFLoss(jvp_mode="fused")
+    loss_fn.check(model, batch)
+    loss_fn(model, batch).backward()
+    assert model.augment_embed.weight.grad.abs().sum() > 0

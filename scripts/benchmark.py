@@ -411,7 +411,11 @@ def main(argv: list[str] | None = None) -> str:
             continue
         print(f"[step] {name} compiled={compiled} {precision} ...", file=sys.stderr, flush=True)
         try:
-            results += bench_steps(name, device, compiled, precision, args.repeats, 0.3 if args.quick else 1.5)
+            case = bench_steps(name, device, compiled, precision, args.repeats, 0.3 if args.quick else 1.5)
+            results += case
+            fm = case[0].median_s
+            print("        " + ", ".join(f"{r.loss} {r.median_s * 1e3:.1f} ms ({r.median_s / fm:.2f}x)" for r in case),
+                  file=sys.stderr, flush=True)  # a partial record if a later case dies
         except (BackendCompilerFailed, InductorError) as err:  # a compiler bug is a result, not a reason to lose the rest
             notes.append(f"{MODELS[name].label}: torch.compile failed: {str(err).strip().splitlines()[0]}")
     if device.type == "cpu" and not args.no_memory:

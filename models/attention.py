@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from models.layers import _tangent_grad, primal, use_rules
 
 ATTENTION_JVP = ("closed_form", "flash")
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
 
 def _probabilities(q: Tensor, k: Tensor) -> tuple[Tensor, float]:
@@ -54,7 +55,10 @@ class AttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+        # the fused kernels even inside jvp_safe_attention(): this rule needs no forward-mode
+        # rule from SDPA (the MATH backend would cost two products and a softmax more)
+        with sdpa_kernel(SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

@@ -16,9 +16,9 @@ directional derivative along a tangent on the unified input.
 The pass itself: eagerly, dual tensors of ``torch.autograd.forward_ad`` (one level);
 under ``torch.compile``, ``torch.func.jvp``, which dynamo captures in the step's
 graph. The two compute the same numbers; the dual tensors skip functorch's
-per-operator wrapping, which for the custom rules of ``models/layers.py`` costs more
-than the rules save (measured with ``scripts/benchmark.py``: the MLP's fused step
-2.1x flow matching through ``torch.func.jvp``, 1.45x with dual tensors).
+per-operator wrapping of the custom rules of ``models/layers.py``, which cost more
+than the rules save (``scripts/benchmark.py`` measures the step either way: swap the
+eager branch of ``_jvp`` for ``torch.func.jvp``).
 Parameters are plain tensors in both, so they carry no tangent.
 
 Both run under ``jvp_safe_attention()`` (fused SDPA kernels have no forward-mode

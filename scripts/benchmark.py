@@ -211,8 +211,9 @@ def cpu_peak_memory(name: str, loss: str) -> float:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, loss, "--threads", str(torch.get_num_threads())]
     # A fixed glibc mmap threshold returns every freed tensor to the OS at once, so the peak
     # RSS tracks the peak of live tensors; with the default (adaptive) threshold, freed
-    # blocks stay in the heap and allocation order decides the peak (measured: the fused
-    # step's RSS growth 1.5x flow matching's with it, 1.1-1.2x without it, same tensors).
+    # blocks stay in the heap and allocation order decides the peak (the fused step's
+    # growth then reads far above flow matching's for the same live tensors: drop the
+    # variable below and compare).
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["delta_mb"]

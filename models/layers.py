@@ -173,7 +173,7 @@ class ConvFn(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tx, tw, tb, *_) -> Tensor | None:
         x, weight = ctx.saved_tensors
-        conv = lambda a, w: F.conv2d(a, w, None, ctx.stride, ctx.padding, ctx.dilation, ctx.groups)  # noqa: E731
+        conv = lambda a, w: F.conv2d(a, w, None, ctx.stride, ctx.padding, ctx.dilation, ctx.groups)
         with _tangent_grad():
             out = None if tx is None else conv(tx, weight)
             out = _add(out, None if tw is None else conv(x, tw))

@@ -37,32 +37,32 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import psutil  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch._dynamo.exc import BackendCompilerFailed  # noqa: E402
-from torch._inductor.exc import InductorError  # noqa: E402
+import psutil
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import InductorError
 
-from dataloaders.base_dataloaders import BaseItem, make_base_item  # noqa: E402
-from evaluation.sample import sample_flow, sample_meanflow  # noqa: E402
-from losses.meanflow_loss import MeanFlowLoss  # noqa: E402
-from losses.mse_loss import FlowMatchingMSELoss  # noqa: E402
-from models.attention import attention, jvp_safe_attention  # noqa: E402
-from models.checkpoint import build_model  # noqa: E402
-from models.ema import EMA  # noqa: E402
-from models.layers import Conv2d, GroupNorm, LayerNorm, Linear, SiLU  # noqa: E402
-from train import LossModule  # noqa: E402
+from dataloaders.base_dataloaders import BaseItem, make_base_item
+from evaluation.sample import sample_flow, sample_meanflow
+from losses.meanflow_loss import MeanFlowLoss
+from losses.mse_loss import FlowMatchingMSELoss
+from models.attention import attention, jvp_safe_attention
+from models.checkpoint import build_model
+from models.ema import EMA
+from models.layers import Conv2d, GroupNorm, LayerNorm, Linear, SiLU
+from train import LossModule
 
 
 @dataclass(frozen=True)
@@ -253,8 +253,8 @@ def layer_costs(device: torch.device) -> list[list[str]]:
             cells = [label]
             for layer in (builtin, ours):
                 layer = layer.to(device) if isinstance(layer, nn.Module) else layer
-                fwd = median_time(lambda: layer(inp), device)
-                jvp = median_time(lambda: torch.func.jvp(layer, (inp,), (tangent,)), device)
+                fwd = median_time(lambda f=layer, i=inp: f(i), device)
+                jvp = median_time(lambda f=layer, i=inp, t=tangent: torch.func.jvp(f, (i,), (t,)), device)
                 cells += [f"{fwd * 1e3:.2f}", f"{jvp / fwd:.2f}x"]
             rows.append(cells)
     return rows

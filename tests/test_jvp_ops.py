@@ -158,7 +158,7 @@ def test_attention_rule_matches_softmax_formula_forward_ad_and_differences():
     # one tangent at a time: the None branches of the rule
     for i in range(3):
         only = [torch.zeros_like(t) if j != i else t for j, t in enumerate(tangents)]
-        _, d_one = jvp(lambda a: attention(*[a if j == i else x for j, x in enumerate((q, k, v))]), ((q, k, v)[i],), (tangents[i],))
+        _, d_one = jvp(lambda a, i=i: attention(*[a if j == i else x for j, x in enumerate((q, k, v))]), ((q, k, v)[i],), (tangents[i],))
         torch.testing.assert_close(d_one, jvp(math_attention, (q, k, v), tuple(only))[1])
 
 
@@ -197,8 +197,8 @@ def test_compiled_path_group_norm_equals_the_builtin():
 
     norm = perturbed(GroupNorm(3, 6))
     x, tx = gen_like((2, 6, 4, 4), 40), gen_like((2, 6, 4, 4), 41)
-    composite = lambda a: group_norm_composite(a, 3, norm.weight, norm.bias, norm.eps)  # noqa: E731
-    builtin = lambda a: F.group_norm(a, 3, norm.weight, norm.bias, norm.eps)  # noqa: E731
+    composite = lambda a: group_norm_composite(a, 3, norm.weight, norm.bias, norm.eps)
+    builtin = lambda a: F.group_norm(a, 3, norm.weight, norm.bias, norm.eps)
     for a, b in zip(jvp(composite, (x,), (tx,)), jvp(builtin, (x,), (tx,)), strict=True):
         torch.testing.assert_close(a, b)
 
@@ -252,10 +252,10 @@ def test_adaln_rules_match_the_builtin_products(which, tangents_on):
 
     if which == "modulate":
         custom, shapes = modulate, [(2, 5, 4), (2, 4), (2, 4)]
-        builtin = lambda x, shift, scale: x * (1 + scale[:, None]) + shift[:, None]  # noqa: E731
+        builtin = lambda x, shift, scale: x * (1 + scale[:, None]) + shift[:, None]
     else:
         custom, shapes = gated_residual, [(2, 5, 4), (2, 4), (2, 5, 4)]
-        builtin = lambda x, gate, y: x + gate[:, None] * y  # noqa: E731
+        builtin = lambda x, gate, y: x + gate[:, None] * y
     inputs = [gen_like(s, 70 + i) for i, s in enumerate(shapes)]
     tangents = [gen_like(s, 80 + i) if i in tangents_on else torch.zeros(s, dtype=D) for i, s in enumerate(shapes)]
 

@@ -76,7 +76,7 @@ class SmallCNN(BaseModel):
         self.class_embed = ClassEmbedder(num_classes, emb_dim) if num_classes > 0 else None
         self.conv_in = Conv2d(in_channels, widths[0], 3, padding=1)
 
-        block = lambda i, o: ResBlock(i, o, emb_dim, num_groups, dropout)  # noqa: E731
+        block = lambda i, o: ResBlock(i, o, emb_dim, num_groups, dropout)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         ch = widths[0]

@@ -79,7 +79,7 @@ class MLP(BaseModel):
         self.out = Linear(hidden, data_dim)
 
     def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
-        x, s, t = split_unified_input(z)  # (B, D), (B,), (B,)
+        _, s, t = split_unified_input(z)  # (B, D), (B,), (B,): z itself is the first layer's input
         y = self.labels(y, z)  # None or (B,), the null class where no label
         self.augment_labels(aug, z)  # no augment input: refuses labels
         feats = [z]

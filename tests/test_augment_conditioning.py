@@ -8,6 +8,7 @@ import torch
 from dataloaders.augment import AugmentPipe
 from dataloaders.base_dataloaders import DictDatasetAdapter, TensorTargetDataset, make_unified_flow_matching_input
 from losses.alphaflow_loss import AlphaFlowLoss
+from losses.imf_loss import IMFLoss
 from losses.meanflow_loss import MeanFlowLoss
 from losses.mse_loss import FlowMatchingMSELoss
 from models.flow_matching.mlp import MLP
@@ -32,7 +33,18 @@ def test_loader_carries_the_label_of_what_it_applied():
     assert batch.at_time(torch.rand(8)).aug_label is batch.aug_label  # the straight-path item keeps it
 
 
-@pytest.mark.parametrize("loss", [FlowMatchingMSELoss(), MeanFlowLoss(jvp_mode="fused")], ids=["fm", "meanflow"])
+class DropsAugmentLabels(FlowMatchingMSELoss):
+    """A loss whose forward would not hand the augment label to the model."""
+
+    passes_augment_labels = False
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [FlowMatchingMSELoss(), MeanFlowLoss(jvp_mode="fused"), IMFLoss(jvp_mode="fused"),
+     AlphaFlowLoss(alpha_schedule="constant", alpha_start=0.5, jvp_mode="fused")],
+    ids=["fm", "meanflow", "imf", "alphaflow"],
+)
 def test_losses_hand_the_label_to_the_model(loss):
     model = UNet(**TINY_UNET, augment_dim=6)
     with torch.no_grad():  # off the zero-output init, where no gradient reaches the embeddings at all
@@ -63,6 +75,6 @@ def test_models_without_an_augment_input_and_losses_that_drop_it_refuse():
     with pytest.raises(ValueError, match="augment_dim=0.*model.augment_dim=6"):
         FlowMatchingMSELoss()(UNet(**TINY_UNET), batch)
     with pytest.raises(ValueError, match="does not pass augment labels"):
-        AlphaFlowLoss().check(UNet(**TINY_UNET, augment_dim=6), batch)
+        DropsAugmentLabels().check(UNet(**TINY_UNET, augment_dim=6), batch)
     with pytest.raises(ValueError, match="augment_dim=0"):
         MLP(data_dim=2)(torch.randn(3, 4), None, torch.zeros(3, 6))

@@ -41,7 +41,6 @@ reference drops labels only inside its guidance interval; with its non-guided pr
 label_dropout 0, the two agree.)
 """
 
-import inspect
 import math
 
 import torch
@@ -51,49 +50,9 @@ from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_
 from helpers_cfg import training_labels
 from losses.base_loss import call_model
 from losses.meanflow_loss import MeanFlowLoss
-from losses.time_sampling import PairSampler, _check_law, _check_ratio, _from_paper, logit_normal
 from models.jvp import rewound_rng
 
 SCHEDULES = ("constant", "linear", "sigmoid")
-
-
-class AlphaflowPairSampler(PairSampler):
-    """The reference's (s, t) law (``AlphaFlowLoss.sample_traj_params``).
-
-    In the paper's convention: the first ``int(n * ratio_fm)`` rows are flow-matching
-    pairs ``t = r ~ LN(fm_mean, fm_std)`` (one draw, drawn first), the others two draws
-    of ``LN(mean, std)`` ordered ``t, r = max, min`` (``distrib_t_t_next_mf: minmax``).
-    ``ratio`` is the fraction with ``s != t``, ``1 - ratio_fm``, as everywhere here.
-    """
-
-    def __init__(self, ratio: float = 0.5, mean: float = -0.4, std: float = 1.0,
-                 fm_mean: float = -0.4, fm_std: float = 1.0) -> None:
-        _check_ratio(ratio)
-        _check_law("mean-flow pairs", mean, std)
-        _check_law("flow-matching pairs", fm_mean, fm_std)
-        self.ratio, self.mean, self.std, self.fm_mean, self.fm_std = ratio, mean, std, fm_mean, fm_std
-
-    def sample(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        n_fm = int(n * (1 - self.ratio))
-        t_fm = logit_normal(n_fm, self.fm_mean, self.fm_std, device)
-        a = logit_normal(n - n_fm, self.mean, self.std, device)
-        b = logit_normal(n - n_fm, self.mean, self.std, device)
-        t = torch.cat([t_fm, torch.maximum(a, b)])
-        r = torch.cat([t_fm, torch.minimum(a, b)])
-        return _from_paper(t, r)
-
-
-def make_alphaflow_sampler(time: dict) -> AlphaflowPairSampler:
-    """``AlphaflowPairSampler`` from a ``loss.time`` node named ``alphaflow``."""
-    options = {k: v for k, v in time.items() if k != "name"}
-    accepted = list(inspect.signature(AlphaflowPairSampler).parameters)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"loss.time: pair sampler 'alphaflow' takes {accepted}, got unknown {unknown}")
-    try:  # name the config key: the sampler does not know where its settings came from
-        return AlphaflowPairSampler(**options)
-    except ValueError as err:
-        raise ValueError(f"loss.time: {err}") from None
 
 
 def scheduled_alpha(step: int, schedule: str, start: float, end: float, start_step: int, end_step: int,
@@ -156,12 +115,9 @@ class AlphaFlowLoss(MeanFlowLoss):
         cfg_interval: tuple[float, float] | list[float] = (0.0, 1.0),
         jvp_mode: str = "auto",
     ) -> None:
-        time = dict({"name": "alphaflow"} if time is None else time)
-        own_law = time["name"] == "alphaflow"  # not in time_sampling's registry: built here
-        super().__init__(time=None if own_law else time, p=p, eps=eps, num_classes=num_classes, class_drop_prob=class_drop_prob,
-                         cfg_omega=cfg_omega, cfg_kappa=cfg_kappa, cfg_interval=cfg_interval, jvp_mode=jvp_mode)
-        if own_law:
-            self.pair_sampler = make_alphaflow_sampler(time)
+        super().__init__(time={"name": "alphaflow"} if time is None else time, p=p, eps=eps, num_classes=num_classes,
+                         class_drop_prob=class_drop_prob, cfg_omega=cfg_omega, cfg_kappa=cfg_kappa,
+                         cfg_interval=cfg_interval, jvp_mode=jvp_mode)
         if alpha_schedule not in SCHEDULES:
             raise ValueError(f"loss.alpha_schedule={alpha_schedule!r}: expected one of {list(SCHEDULES)}")
         for key, value in (("alpha_start", alpha_start), ("alpha_end", alpha_end)):

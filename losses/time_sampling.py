@@ -267,6 +267,32 @@ class MaskRowsThenOrderPairSampler(_TwoLawPairSampler):
         return _from_paper(t, r)
 
 
+class AlphaflowPairSampler(PairSampler):
+    """The reference's (s, t) law (``AlphaFlowLoss.sample_traj_params``).
+
+    In the paper's convention: the first ``int(n * ratio_fm)`` rows are flow-matching
+    pairs ``t = r ~ LN(fm_mean, fm_std)`` (one draw, drawn first), the others two draws
+    of ``LN(mean, std)`` ordered ``t, r = max, min`` (``distrib_t_t_next_mf: minmax``).
+    ``ratio`` is the fraction with ``s != t``, ``1 - ratio_fm``, as everywhere here.
+    """
+
+    def __init__(self, ratio: float = 0.5, mean: float = -0.4, std: float = 1.0,
+                 fm_mean: float = -0.4, fm_std: float = 1.0) -> None:
+        _check_ratio(ratio)
+        _check_law("mean-flow pairs", mean, std)
+        _check_law("flow-matching pairs", fm_mean, fm_std)
+        self.ratio, self.mean, self.std, self.fm_mean, self.fm_std = ratio, mean, std, fm_mean, fm_std
+
+    def sample(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        n_fm = int(n * (1 - self.ratio))
+        t_fm = logit_normal(n_fm, self.fm_mean, self.fm_std, device)
+        a = logit_normal(n - n_fm, self.mean, self.std, device)
+        b = logit_normal(n - n_fm, self.mean, self.std, device)
+        t = torch.cat([t_fm, torch.maximum(a, b)])
+        r = torch.cat([t_fm, torch.minimum(a, b)])
+        return _from_paper(t, r)
+
+
 # ---------------------------------------------------------------------------------
 # Construction from a config.
 # ---------------------------------------------------------------------------------
@@ -283,6 +309,7 @@ PAIR_SAMPLERS: dict[str, type[PairSampler]] = {
     "imeanflow": IMeanflowPairSampler,
     "order_then_mask_rows": OrderThenMaskRowsPairSampler,
     "mask_rows_then_order": MaskRowsThenOrderPairSampler,
+    "alphaflow": AlphaflowPairSampler,
 }
 
 

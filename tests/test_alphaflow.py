@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, make_base_item, make_unified_flow_matching_input, split_unified_input
-from losses.alphaflow_loss import AlphaFlowLoss, AlphaflowPairSampler, scheduled_alpha
+from losses.alphaflow_loss import AlphaFlowLoss, scheduled_alpha
+from losses.time_sampling import AlphaflowPairSampler
 from losses.base_loss import build_loss
 from losses.meanflow_loss import MeanFlowLoss
 from models.flow_matching.mlp import MLP

@@ -74,7 +74,9 @@ def use_rules(x: Tensor) -> bool:
     casts autocast inserts belong to the autograd graph of the built-in ops, and the
     tangent pass of MeanFlow, the one place the rules pay off, runs with autocast off
     (a half-precision tangent overflows)."""
-    return not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+    if torch.compiler.is_compiling() or x.device.type == "meta":  # meta: shapes only (no autocast state to ask)
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
 
 
 def primal(t: Tensor | None) -> Tensor | None:

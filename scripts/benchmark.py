@@ -88,7 +88,7 @@ MODELS: dict[str, ModelSpec] = {
 }
 DEFAULT_MODELS, QUICK_MODELS = "mlp,cnn,unet_small,dit_s2", "mlp,cnn"
 PRESETS = {"cuda": {"models": "unet_cifar,dit_b2", "compile_models": "unet_cifar,dit_b2", "precision": "fp32,bf16",
-                    "time_limit": 1200.0, "no_sampling": True}}
+                    "time_limit": 420.0, "no_sampling": True}}  # fits a 10-minute device call
 LOSSES = ("mse", "meanflow-fused", "meanflow-separate")
 SOLVERS = ("euler", "midpoint", "heun", "rk4")  # fixed-grid solvers
 SAMPLE_MODELS = {"mlp": 2000, "cnn": 64}  # model -> samples drawn

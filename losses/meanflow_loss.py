@@ -41,12 +41,11 @@ from solvers.sampling import JumpSampler, Sampler
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 JVP_MODES = ("auto", *PASS_MODES)
-# ``jvp_mode=auto``: measured on the CPU with scripts/benchmark.py, ``fused`` was faster
-# for the 55.8M CIFAR-10 UNet (1.79x vs 2.01x the flow-matching step) and DiT-S/2 (1.80x
-# vs 2.09x), ``separate`` for the MLP (2.73x vs 3.23x) and the 0.5M SmallCNN (2.33x vs
-# 3.72x), and ``separate`` always needed about half the memory (fused keeps the tangent
-# computation in the autograd graph). CUDA has not been measured: set jvp_mode there.
-AUTO_FUSED_MIN_PARAMS = 10_000_000
+# ``jvp_mode=auto`` picks ``fused`` for models of at least this many parameters. With
+# the layers' own forward-mode rules (models/layers.py), ``fused`` is the faster mode for
+# every model measured with ``python scripts/benchmark.py`` on the CPU, with memory within
+# a few percent of ``separate``; the threshold stays for devices where that may differ.
+AUTO_FUSED_MIN_PARAMS = 0
 # ``configs/loss/meanflow.yaml``'s law, for a loss built in code without one.
 DEFAULT_TIME = {"name": "order_then_mask_rows", "ratio": 0.75, "mean": -0.4, "std": 1.0}
 

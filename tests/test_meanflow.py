@@ -344,8 +344,17 @@ def test_meanflow_training_improves_one_step_samples() -> None:
     assert after < 0.1 * before, (before, after)
 
 
-def test_auto_mode_picks_by_model_size() -> None:
-    """``auto`` resolves once, on the first model: separate for small, fused for large."""
+def test_auto_mode_picks_by_model_size(monkeypatch) -> None:
+    """``auto`` resolves once, on the first model, by its size against the threshold
+    (today 0: fused for every model, the measured faster mode)."""
+    import losses.meanflow_loss as meanflow_loss
+
+    assert meanflow_loss.AUTO_FUSED_MIN_PARAMS == 0
+    default = MeanFlowLoss(jvp_mode="auto")
+    default(MLP(data_dim=2, hidden=16, depth=1), make_batch(4))
+    assert default.jvp_mode == "fused"
+
+    monkeypatch.setattr(meanflow_loss, "AUTO_FUSED_MIN_PARAMS", 10_000_000)
     small = MeanFlowLoss(jvp_mode="auto")
     small(MLP(data_dim=2, hidden=16, depth=1), make_batch(4))
     assert small.jvp_mode == "separate"

@@ -74,7 +74,7 @@ class Trainer:
             raise RunError(f"batch_size={cfg.batch_size} exceeds the training set ({len(self.train_set)} samples per epoch)")
         self.model = build_model(cfg.model).to(self.device)
         self.loss_fn = build_loss(cfg.loss).to(self.device)
-        self.ema = EMASet(self.model, cfg.ema.decay, cfg.ema.halflife_samples, list(cfg.ema.get("decays", [])))
+        self.ema = EMASet(self.model, cfg.ema.decay, cfg.ema.halflife_samples, list(cfg.ema.decays), cfg.ema.warmup)
         self.optimizer = instantiate(cfg.optimizer)(self.model.parameters())
         self.steps_per_epoch = len(self.train_set) // (cfg.batch_size * world)
         total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -171,7 +171,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.ema.update(self.model, self.cfg.batch_size * self.world)
+        self.ema.update(self.model, self.cfg.batch_size * self.world, self.step)
         self.step += 1
         self.batch_in_epoch += 1
         for key, value in {"loss": loss.detach(), **unwrap(self.loss_fn).metrics}.items():

@@ -104,7 +104,8 @@ def _from_paper(t_paper: Tensor, r_paper: Tensor) -> tuple[Tensor, Tensor]:
 class _TwoLawPairSampler(PairSampler):
     """Shared state: a first draw (the paper's ``t``) ~ logit-normal(mean, std) and a
     second draw (the paper's ``r``) ~ logit-normal(r_mean, r_std); ``None`` repeats the
-    first law."""
+    first law. ``law="uniform"`` draws both from U(0, 1) instead (this project's 2-D
+    default; every published recipe uses its logit-normal laws)."""
 
     def __init__(
         self,
@@ -113,9 +114,12 @@ class _TwoLawPairSampler(PairSampler):
         std: float = 1.0,
         r_mean: float | None = None,
         r_std: float | None = None,
+        law: str = "logit_normal",
     ) -> None:
         _check_ratio(ratio)
-        self.ratio = ratio
+        if law not in ("logit_normal", "uniform"):
+            raise ValueError(f"law={law!r}: expected logit_normal (mean, std, r_mean, r_std) or uniform")
+        self.ratio, self.law = ratio, law
         self.mean, self.std = mean, std
         self.r_mean = mean if r_mean is None else r_mean
         self.r_std = std if r_std is None else r_std
@@ -123,6 +127,11 @@ class _TwoLawPairSampler(PairSampler):
         _check_law("second (paper r)", self.r_mean, self.r_std)
 
     def _draw(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.law == "uniform":
+            # Both draws U(0, 1): mass everywhere in the triangle, the few-step grid's pairs
+            # (0, 1), (0, 1/2), (1/2, 1) included; logit-normal(-0.4, 1) leaves about 0.03%
+            # of pairs near (0, 1) (EXPERIMENT_LOG.md, 2026-12-01, the 2-D investigation).
+            return torch.rand(n, device=device), torch.rand(n, device=device)
         t = logit_normal(n, self.mean, self.std, device)
         r = logit_normal(n, self.r_mean, self.r_std, device)
         return t, r

@@ -63,3 +63,22 @@ def test_run_logs_each_ema_and_the_raw_weights_and_eval_checkpoint_picks_one(tmp
     missing = launch([f"eval_checkpoint={out / 'ckpts' / 'mlp' / 'emas' / 'last.pt'}", "eval.weights=0.7", "device=cpu",
                       f"output_dir={tmp_path / 'eval'}"], cwd=tmp_path)
     assert missing.returncode == 2 and last_line(missing.stderr).startswith("error: eval.weights=0.7") and "0.5" in last_line(missing.stderr)
+
+
+def test_warmup_caps_the_decay_and_forgets_the_initial_weights():
+    ema = EMA(nn.Linear(1, 1), decay=0.999, warmup=True)
+    assert ema.decay_for(512, 0) == pytest.approx(0.1)
+    assert ema.decay_for(512, 890) == pytest.approx(0.99)
+    assert ema.decay_for(512, 10**7) == pytest.approx(0.999)
+    assert EMA(nn.Linear(1, 1), decay=0.999).decay_for(512, 0) == 0.999  # off by default
+    # n updates towards constant weights keep prod_k decay_k of the initial weights
+    model = nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.999, warmup=True)
+    start = float(ema.module.weight)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    left = 1.0
+    for n in range(100):
+        ema.update(model, 512, n)
+        left *= (1 + n) / (10 + n)
+    assert float(ema.module.weight) == pytest.approx(1.0 + (start - 1.0) * left, rel=1e-5, abs=1e-7)

@@ -205,3 +205,15 @@ def test_bad_names_and_options_fail_in_one_line():
         make_time_sampler("logit_normal", std=0.0)
     with pytest.raises(ValueError, match="leave them null"):
         make_pair_sampler("meanflow_jax", r_mean=-4.0)
+
+
+def test_uniform_law_pairs_are_order_statistics_of_two_uniforms():
+    """``law=uniform`` with every pair distinct: s = 1 - max, t = 1 - min of two U(0, 1),
+    so E[s] = 1/3, E[t] = 2/3 and P(s < 0.1) = 1 - 0.9^2 = 0.19."""
+    torch.manual_seed(0)
+    s, t = make_pair_sampler("order_then_mask_rows", ratio=1.0, law="uniform").sample(40000, torch.device("cpu"))
+    assert ((0 <= s) & (s <= t) & (t <= 1)).all()
+    assert s.mean().item() == pytest.approx(1 / 3, abs=0.01) and t.mean().item() == pytest.approx(2 / 3, abs=0.01)
+    assert (s < 0.1).float().mean().item() == pytest.approx(0.19, abs=0.01)
+    with pytest.raises(ValueError, match="law='beta'"):
+        make_pair_sampler("order_then_mask_rows", law="beta")

@@ -47,7 +47,6 @@ import torch
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
-from helpers_cfg import training_labels
 from losses.base_loss import call_model
 from losses.meanflow_loss import MeanFlowLoss
 from models.jvp import rewound_rng
@@ -179,17 +178,8 @@ class AlphaFlowLoss(MeanFlowLoss):
 
     def loss_at(self, model: nn.Module, batch: BaseItem, alpha: float) -> Tensor:
         """The loss of ``batch`` at a given α (``forward`` takes α from the schedule)."""
-        x0, x1 = batch.raw_source, batch.raw_target
-        n, device = x1.shape[0], x1.device
-        s, t = self.pair_sampler.sample(n, device)
-        sb = broadcast_time(s, x1)
-        x_s = (1 - sb) * x0 + sb * x1  # straight path at the start time s
-        v = x1 - x0  # conditional velocity
-        label = training_labels(batch.label, self.num_classes, self.class_drop_prob)
-        dropped = None if label is None else label == self.num_classes
-        v_tgt = self.guided_velocity(model, x_s, s, v.to(torch.promote_types(v.dtype, torch.float32)), label, dropped,
-                                     batch.aug_label)
-        with torch.autocast(device.type, enabled=False):
+        x_s, s, t, v_tgt, label = self.training_pairs(model, batch)
+        with torch.autocast(batch.raw_target.device.type, enabled=False):
             u, target, numerator = self.prediction_target_weight(model, x_s, s, t, v_tgt, label, alpha, batch.aug_label)
             per_sample = (u - target).pow(2).flatten(1).mean(dim=1)  # reference: mean over dimensions
             weight = numerator / (per_sample.detach() + self.eps).pow(self.p) if self.p > 0 else numerator

@@ -49,8 +49,7 @@ from torch import Tensor, nn
 from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
 from helpers_cfg import conditional_and_null, training_labels
 from losses.base_loss import call_model
-from losses.meanflow_loss import AUTO_FUSED_MIN_PARAMS, MeanFlowLoss
-from models.jvp import primal_and_tangent
+from losses.meanflow_loss import MeanFlowLoss
 
 # ``configs/loss/imf.yaml``'s law (Lyy-iiis/imeanflow configs/default.py), for a loss built in code.
 DEFAULT_TIME = {"name": "imeanflow", "ratio": 0.5, "mean": -0.4, "std": 1.0}
@@ -135,20 +134,8 @@ class IMFLoss(MeanFlowLoss):
         """``V = u_θ(x, s, t) - (t - s) sg(du/ds)`` along ``(tangent, 1, 0)`` on ``(x, s, t)``
         (the paper's ``V = u + (t - r) sg(du/dt)``), with ``u``'s gradient; float32 (or
         float64), autocast off, as MeanFlow's target."""
-        wide = torch.promote_types(x.dtype, torch.float32)
-        s, t, tangent = s.to(wide), t.to(wide), tangent.to(wide)
-        z = make_unified_flow_matching_input(x.to(wide), s, t)
-        tangent_z = make_unified_flow_matching_input(tangent, torch.ones_like(s), torch.zeros_like(t))
-
-        def u_fn(z_in: Tensor) -> Tensor:  # labels and augment labels are constants of the JVP
-            return call_model(model, z_in, label, aug)
-
-        if self.jvp_mode == "auto":  # decided once, on the first model seen
-            n_params = sum(p.numel() for p in model.parameters())
-            self.jvp_mode = "fused" if n_params >= AUTO_FUSED_MIN_PARAMS else "separate"
-        with torch.autocast(x.device.type, enabled=False):
-            u, dudt = primal_and_tangent(u_fn, z, tangent_z, self.jvp_mode)
-        return u.to(wide) - broadcast_time(t - s, u) * dudt.to(wide).detach()
+        u, dudt = self.mean_flow_jvp(model, x, s, t, tangent, label, aug)
+        return u - broadcast_time(t.to(u.dtype) - s.to(u.dtype), u) * dudt
 
     # --- the loss --------------------------------------------------------------------
 

@@ -140,11 +140,21 @@ class MeanFlowLoss(BaseLoss):
         All in float32 with autocast off: the tangent of a half-precision forward
         overflows, and the target is a difference of nearly equal terms.
         """
-        device_type = x.device.type
         wide = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for exactness tests
-        s, t, v = s.to(wide), t.to(wide), v.to(wide)
+        v = v.to(wide)
+        u, dudt = self.mean_flow_jvp(model, x, s, t, v, label, aug)
+        target = v + broadcast_time(t.to(wide) - s.to(wide), v) * dudt
+        return u, target.detach()
+
+    def mean_flow_jvp(self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, tangent: Tensor, label: Tensor | None,
+                      aug: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``u_θ(x, s, t)`` (with gradient) and ``du/ds`` along ``(tangent, 1, 0)`` on
+        ``(x, s, t)`` (detached), in float32 (float64 for float64 inputs), autocast off.
+        The one forward-mode pass of the family (iMF takes another tangent)."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        s, t = s.to(wide), t.to(wide)
         z = make_unified_flow_matching_input(x.to(wide), s, t)
-        tangent_z = make_unified_flow_matching_input(v, torch.ones_like(s), torch.zeros_like(t))
+        tangent_z = make_unified_flow_matching_input(tangent.to(wide), torch.ones_like(s), torch.zeros_like(t))
 
         def u_fn(z_in: Tensor) -> Tensor:  # labels and augment labels are constants of the JVP
             return call_model(model, z_in, label, aug)
@@ -152,17 +162,16 @@ class MeanFlowLoss(BaseLoss):
         if self.jvp_mode == "auto":  # decided once, on the first model seen
             n_params = sum(p.numel() for p in model.parameters())
             self.jvp_mode = "fused" if n_params >= AUTO_FUSED_MIN_PARAMS else "separate"
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             u, dudt = primal_and_tangent(u_fn, z, tangent_z, self.jvp_mode)
-        target = v + broadcast_time(t - s, v) * dudt.to(wide)
-        return u.to(wide), target.detach()
+        return u.to(wide), dudt.to(wide)
 
-    # --- the loss --------------------------------------------------------------------
-
-    def forward(self, model: nn.Module, batch: BaseItem) -> Tensor:
+    def training_pairs(self, model: nn.Module, batch: BaseItem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """``(x_s, s, t, ṽ, label)`` of a batch: the pair times, the straight path at ``s``,
+        the (guided) velocity in float32 and the training labels (dropped to the null class
+        with ``class_drop_prob``)."""
         x0, x1 = batch.raw_source, batch.raw_target
-        n, device = x1.shape[0], x1.device
-        s, t = self.pair_sampler.sample(n, device)
+        s, t = self.pair_sampler.sample(x1.shape[0], x1.device)
         sb = broadcast_time(s, x1)
         x_s = (1 - sb) * x0 + sb * x1  # straight path at the start time s
         v = x1 - x0  # conditional velocity
@@ -170,7 +179,14 @@ class MeanFlowLoss(BaseLoss):
         dropped = None if label is None else label == self.num_classes
         v_tgt = self.guided_velocity(model, x_s, s, v.to(torch.promote_types(v.dtype, torch.float32)), label, dropped,
                                      batch.aug_label)
-        with torch.autocast(device.type, enabled=False):
+        return x_s, s, t, v_tgt, label
+
+    # --- the loss --------------------------------------------------------------------
+
+    def forward(self, model: nn.Module, batch: BaseItem) -> Tensor:
+        x1 = batch.raw_target
+        x_s, s, t, v_tgt, label = self.training_pairs(model, batch)
+        with torch.autocast(x1.device.type, enabled=False):
             u, u_tgt = self.prediction_and_target(model, x_s, s, t, v_tgt, label, batch.aug_label)
             per_sample = (u - u_tgt).pow(2).flatten(1).sum(dim=1)  # ||Δ||² per sample
             weight = (per_sample.detach() + self.eps).pow(-self.p) if self.p > 0 else torch.ones_like(per_sample)

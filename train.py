@@ -95,8 +95,8 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0  # batch_in_epoch: batches done in the current epoch
         self.totals: dict[str, float] = {}  # sums of the train metrics since the last log, and their count
         self.last_metrics: dict[str, float] = {}
-        self.last_log: dict[str, float] = {}  # the last row logged (kept in checkpoints)
-        self.logged_to = 0  # trackio already holds this run's rows up to this step
+        self.history: list[dict[str, float]] = []  # every row logged (kept in checkpoints: re-logged if lost)
+        self.logged: set[int] = set()  # the steps trackio already holds for this run
         self.stop_signal: int | None = None  # set by the SIGTERM/SIGUSR1 handler
         self.tracker = None
         if resume_state is not None:
@@ -136,7 +136,7 @@ class Trainer:
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))  # checkpoints from before step checkpoints: 0
         self.totals = dict(state.get("totals", {}))
         self.last_metrics = dict(state.get("metrics", {}))
-        self.last_log = dict(state.get("last_log", {}))
+        self.history = list(state.get("history", []))
         set_rng_state(state["rng"])
         if self.world > 1:
             # Every rank loaded rank 0's RNG state; re-split the streams so the ranks
@@ -209,7 +209,7 @@ class Trainer:
                  ("scheduler", self.scheduler), ("scaler", self.scaler), ("loss", self.loss_fn))} | self.ema.checkpoint_entries()
         state |= {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "totals": self.totals,
                   "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True), "metrics": self.last_metrics,
-                  "last_log": self.last_log}
+                  "history": self.history}
         save_checkpoint(state, self.layout.last)
         if archive:
             save_checkpoint(state, self.layout.archive(self.epoch))
@@ -226,23 +226,23 @@ class Trainer:
                      resume="must" if self.cfg.resume else "never", embed=False,
                      auto_log_gpu=None if system else False, auto_log_cpu=None if system else False)  # None: trackio detects
         self.tracker = trackio
-        # A resumed run redoes the steps after its checkpoint: the ones trackio already
-        # holds are not logged twice, and a row lost in a kill before trackio's flush is
-        # logged again from the checkpoint, so the history has neither duplicates nor holes.
-        self.logged_to = SQLiteStorage.get_max_step_for_run(self.cfg.trackio.project, self.cfg.run_name) or 0
-        if self.last_log and self.logged_to < self.last_log["step"]:
-            trackio.log({k: v for k, v in self.last_log.items() if k != "step"}, step=self.last_log["step"])
+        # A resumed run redoes the steps after its checkpoint: those trackio already holds
+        # are not logged twice, and rows lost in a kill before trackio's flush are logged
+        # again from the checkpoint's history: neither duplicates nor holes.
+        if self.cfg.resume:
+            self.logged = {int(row["step"]) for row in SQLiteStorage.get_logs(self.cfg.trackio.project, self.cfg.run_name)}
+        for row in (row for row in self.history if row["step"] not in self.logged):
+            trackio.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self.logged.add(row["step"])
 
     def log(self, metrics: dict[str, float], plot=None) -> None:
         summary = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
                             if k.split("/")[0] in ("train", "eval") and "/nfe" not in k)
         print(f"epoch {self.epoch}/{self.cfg.epochs} step {self.step}  {summary}", flush=True)
-        self.last_log = {"step": self.step, **metrics}
-        if self.tracker is not None and self.step > self.logged_to:
-            logged = dict(metrics)
-            if plot is not None:
-                logged["eval/samples"] = self.tracker.Image(str(plot), caption=f"epoch {self.epoch}")
-            self.tracker.log(logged, step=self.step)
+        self.history.append({"step": self.step, **metrics})
+        if self.tracker is not None and self.step not in self.logged:
+            image = {} if plot is None else {"eval/samples": self.tracker.Image(str(plot), caption=f"epoch {self.epoch}")}
+            self.tracker.log(metrics | image, step=self.step)
 
     def _on_signal(self, signum: int, frame) -> None:
         self.stop_signal = signum  # acted on at the next step boundary, where the state is whole

@@ -223,7 +223,7 @@ class Trainer:
         config, system = OmegaConf.to_container(self.cfg, resolve=True), self.cfg.trackio.system_metrics
         config["command"] = " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("launcher.py") else ""
         trackio.init(project=self.cfg.trackio.project, name=self.cfg.run_name, config=config,
-                     resume="must" if self.cfg.resume else "never", embed=False,
+                     resume="allow" if self.cfg.resume else "never", embed=False,  # allow: a kill may precede its first flush
                      auto_log_gpu=None if system else False, auto_log_cpu=None if system else False)  # None: trackio detects
         self.tracker = trackio
         # A resumed run redoes the steps after its checkpoint: those trackio already holds

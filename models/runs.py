@@ -297,6 +297,9 @@ def process_group(device_name: str, rank: int, world: int, local_rank: int):
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=DIST_TIMEOUT)
     try:
         yield
+        # Every rank is done before the connections close: a rank that tears down first
+        # can make a peer still inside gloo abort (SIGABRT) instead of exiting.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

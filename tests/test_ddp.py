@@ -41,7 +41,8 @@ def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess
 def failure(result: subprocess.CompletedProcess) -> str:
     """The first traceback (the rank that failed first), then the tail."""
     first = result.stderr.find("Traceback")
-    return result.stderr[max(first, 0):][:3000] + "\n...\n" + result.stderr[-1500:]
+    native = [line for line in result.stderr.splitlines() if "terminate called" in line or "what():" in line]
+    return "\n".join(native) + "\n" + result.stderr[max(first, 0):][:3000] + "\n...\n" + result.stderr[-1500:]
 
 
 def compose(overrides: list[str]):

@@ -76,6 +76,11 @@ def validate_config(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool):
             raise RunError(f"{key}={value!r}: expected an integer")
+    for key in ("resume", "overwrite", "compile", "tf32", "cudnn_benchmark", "ema.warmup", "eval.plot", "eval.raw_weights",
+                "eval.fid.enabled", "trackio.enabled", "trackio.system_metrics"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, bool):
+            raise RunError(f"{key}={value!r}: expected true or false")
     for key in ("optimizer.lr", "min_lr_ratio", "grad_clip", "ema.decay", "ema.halflife_samples"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int | float) or isinstance(value, bool):

@@ -116,10 +116,28 @@ def test_unknown_choice_lists_the_choices(ws):
         ("epochs=-1", "epochs=-1"),
         ("batch_size=0", "batch_size=0"),
         ("precision=fp8", "precision=fp8"),
+        ("optimizer.lr=abc", "optimizer.lr='abc': expected a number"),
+        ("seed=abc", "seed='abc': expected an integer"),
+        ("ema.warmup=abc", "ema.warmup='abc': expected true or false"),
+        ("eval.batch_size=0", "eval.batch_size=0"),
+        ("checkpoint.every_steps=-1", "checkpoint.every_steps=-1"),
     ],
 )
 def test_bad_values_are_refused(ws, override, needle):
     assert_one_line_error(ws.run(override, run_name="fresh"), needle, code=2)
+    assert ws.untouched()
+
+
+@pytest.mark.parametrize("overrides,needle", [(["dataloaders=points"], "dataloaders.dataset.path is required"),
+                                              (["model=cnn"], "use an image data set")])
+def test_incomplete_or_mismatched_groups_are_one_line(ws, overrides, needle):
+    assert_one_line_error(ws.main(["run_name=fresh", *overrides, "device=cpu", f"output_dir={ws.output_dir}"]), needle, code=2)
+    assert ws.untouched()
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", "../escape"])
+def test_run_names_that_would_leave_the_run_folder_are_refused(ws, name):
+    assert_one_line_error(ws.run(run_name=name), "run_name=", "no /, no ..", code=2)
     assert ws.untouched()
 
 

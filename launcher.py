@@ -128,11 +128,9 @@ def validate_config(cfg) -> None:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from evaluation.stored_config import compose as compose_train
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="denoising_zoo"):
-        return hydra_compose(config_name="train", overrides=overrides)
+    return compose_train(overrides)
 
 
 def run_config(cfg) -> int:
@@ -182,11 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from evaluation.stored_config import eval_checkpoint_config
+    from models.runs import RunError
+
     try:
-        if not any(o.startswith("run_name=") for o in overrides):
-            overrides = [*overrides, "run_name=eval"]  # eval_checkpoint needs no run name of its own
-        cfg = compose(overrides)
-        OmegaConf.resolve(cfg)
+        if any(o.startswith("eval_checkpoint=") for o in overrides):
+            # The stored run's config, with this command line's eval.*, solver, seed and this
+            # machine's file locations: a checkpoint never chooses where files are.
+            cfg = eval_checkpoint_config(overrides)
+        else:
+            cfg = compose(overrides)
+            OmegaConf.resolve(cfg)
+    except RunError as err:
+        if os.environ.get("DZ_TRACEBACK"):
+            raise
+        return fail(one_line(err), err.exit_code)
     except (HydraException, OmegaConfBaseException) as err:
         message = one_line(err)
         if "Interpolation key 'dataloaders.data_shape." in message:  # an image model on dense data

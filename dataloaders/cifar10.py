@@ -10,17 +10,21 @@ Each batch is a pickled dict with ``b"data"`` uint8 (N, 3072) — 1024 red, then
 1024 green, then 1024 blue values of a 32x32 image in row-major order — and
 ``b"labels"`` (N ints in 0..9).
 
-The batches are read here with ``pickle`` directly rather than through torchvision,
-whose MD5 check rejects anything but the full official files (tests write tiny
-batches in the same format). ``pickle.load`` can run code embedded in the file, so
-only point ``root`` at a copy of CIFAR-10 you trust (the official tarball, or
-torchvision's download). ``download=True`` fetches it once through torchvision,
-which verifies the checksum.
+The batches are read here rather than through torchvision, whose MD5 check rejects
+anything but the full official files (tests write tiny batches in the same format).
+A plain ``pickle.load`` would run whatever code a tampered batch names, so the batches
+are read by ``BatchUnpickler``, which builds numpy arrays, dicts, lists, str and bytes
+and refuses every other object: a data folder from someone else cannot run code.
+``download=True`` fetches the official tarball once through torchvision, which
+verifies the checksum.
 """
 
+import codecs
+import io
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import Tensor
@@ -33,12 +37,43 @@ BATCH_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array reconstructor, wherever this numpy version keeps it
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler that can build what a CIFAR-10 batch holds and nothing else.
+
+    The containers and scalars (dict, list, str, bytes, int) are pickle opcodes that
+    name no object; the only objects a batch names are numpy's array reconstruction
+    (under its numpy 1 and numpy 2 module names) and ``_codecs.encode``, which
+    protocol 2 uses for bytes. Any other name (``os.system``, ``builtins.eval``, a
+    class with a ``__reduce__``) is refused before anything is called.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str):
+        found = self.ALLOWED.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it asks for the Python object {module}.{name}")
+        return found
 
 
 def read_batch(path: Path) -> tuple[Tensor, Tensor]:
     """One pickle batch -> uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
-    with path.open("rb") as f:
-        entry = pickle.load(f, encoding="bytes")
+    try:
+        entry = BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} is refused: {err}, and a CIFAR-10 batch holds only numpy arrays, dicts, lists, "
+                         "str and bytes (a tampered or foreign file?)") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:  # malformed streams
+        raise ValueError(f"{path} is not a readable CIFAR-10 batch (truncated or corrupt?): {type(err).__name__}: {err}") from None
     if not isinstance(entry, dict) or b"data" not in entry or b"labels" not in entry:
         raise ValueError(f"{path} is not a CIFAR-10 batch: expected a pickled dict with b'data' and b'labels'")
     data = torch.as_tensor(entry[b"data"])

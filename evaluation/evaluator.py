@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -24,8 +24,8 @@ from dataloaders.base_dataloaders import make_dataset, stack_targets
 from evaluation.energy_distance import energy_distance
 from evaluation.plots import save_grid, save_plot
 from losses.base_loss import BaseLoss, build_loss
-from models.checkpoint import build_vae, load_model_from_checkpoint
-from models.runs import RunError, RunLayout, resolve_device
+from models.checkpoint import build_vae, load_model_from_checkpoint, write_text_atomic
+from models.runs import RunError, RunLayout, resolve_device, write_error
 from solvers.sampling import Sampler
 
 
@@ -150,31 +150,47 @@ def content_digest(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def eval_settings(cfg: DictConfig) -> dict:
+    """What an evaluation's numbers depend on besides the weights: the evaluation and
+    solver settings and the seed (names ``eval_checkpoint``'s result file)."""
+    return {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "solver": OmegaConf.to_container(cfg.solver, resolve=True),
+            "seed": int(cfg.seed)}
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
-    """Rebuild the model from the checkpoint's own config, evaluate, print, write JSON.
-    Only ``device`` and ``output_dir`` come from the command line, so the numbers match
-    the ones the run logged at that epoch."""
+    """Evaluate ``cfg.eval_checkpoint`` with ``cfg``: the stored run's config with this
+    command line's evaluation settings and this machine's file locations
+    (``evaluation/stored_config.py`` builds it). With no setting typed, the numbers match
+    the ones the run logged at that epoch. Prints the result and writes it as JSON to
+    ``<output_dir>/eval/<run>/epoch_XXXX_<weights>_<file digest>_<settings digest>.json``,
+    after checking that folder can be written and before sampling."""
     device = resolve_device(cfg.device)
     weights = str(cfg.eval.weights)  # ema (the main EMA) | raw | one of the run's ema.decays
-    model, saved_cfg, state = load_model_from_checkpoint(cfg.eval_checkpoint, device, use_ema=weights != "raw")
+    settings = eval_settings(cfg)
+    settings_digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    out_dir = RunLayout.of(cfg).eval_dir
+    if (err := write_error(out_dir)) is not None:
+        raise RunError(f"output_dir={cfg.output_dir}: cannot write {out_dir} ({err}): choose a writable output_dir")
+    model, _, state = load_model_from_checkpoint(cfg.eval_checkpoint, device, use_ema=weights != "raw")
     if weights not in ("ema", "raw"):
         kept = state.get("emas", {})
         key = f"{float(weights):g}" if weights.replace(".", "", 1).isdigit() else weights
         if key not in kept:
             raise RunError(f"eval.weights={weights}: {cfg.eval_checkpoint} keeps ema, raw{''.join(', ' + k for k in kept)}")
         model.load_state_dict(kept[key])
-    with open_dict(saved_cfg):
-        saved_cfg.device, saved_cfg.output_dir = cfg.device, cfg.output_dir
-    vae = build_vae(saved_cfg.dataloaders, device)
-    metrics, _ = Evaluator(saved_cfg, build_loss(saved_cfg.loss), device, vae)(model)
-    result = {"checkpoint": str(cfg.eval_checkpoint), "run_name": saved_cfg.run_name, "epoch": int(state["epoch"]),
-              "step": int(state["step"]), "weights": weights, **metrics}
+    vae = build_vae(cfg.dataloaders, device)
+    metrics, _ = Evaluator(cfg, build_loss(cfg.loss), device, vae)(model)
+    result = {"checkpoint": str(cfg.eval_checkpoint), "run_name": cfg.run_name, "epoch": int(state["epoch"]),
+              "step": int(state["step"]), "weights": weights, **metrics, "settings": settings}
     # Named by the file's content too: two different files of one run and epoch (a copy
-    # with flipped bytes, a re-export) never overwrite each other's results.
-    out = RunLayout.of(saved_cfg).eval_dir / f"epoch_{int(state['epoch']):04d}_{weights}_{content_digest(Path(cfg.eval_checkpoint))}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    # with flipped bytes, a re-export) never overwrite each other's results; and by the
+    # settings, so evaluations of one file with other settings sit side by side.
+    digest = content_digest(Path(cfg.eval_checkpoint))
+    out = out_dir / f"epoch_{int(state['epoch']):04d}_{weights}_{digest}_{settings_digest}.json"
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     for key, value in result.items():
-        print(f"{key}: {value}")
+        if key != "settings":
+            print(f"{key}: {value}")
+    print(f"settings: eval.steps={cfg.eval.steps} solver={cfg.solver.name} seed={cfg.seed} (all in the file)")
     print(f"results written to {out}")
     return result

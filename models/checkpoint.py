@@ -160,6 +160,20 @@ def instantiate_allowed(
     not checked. Keys that are not arguments (a config group's ``name``) must be dropped
     by the caller.
     """
+    call, kwargs = allowed_call(node, allowed_prefixes, what, base, functions, extra)
+    return call(**kwargs)
+
+
+def allowed_call(
+    node: DictConfig | dict,
+    allowed_prefixes: tuple[str, ...],
+    what: str,
+    base: type | None = None,
+    functions: bool = False,
+    extra: dict | None = None,
+):
+    """Every check of ``instantiate_allowed`` without the call: ``(the class or function,
+    its keyword arguments)``."""
     kwargs = plain_data(node, what, what, builders=True)
     if not isinstance(kwargs, dict):
         raise CheckpointError(f"{what} config is a {type(kwargs).__name__}: expected a mapping with _target_ and arguments")
@@ -173,7 +187,7 @@ def instantiate_allowed(
         inspect.signature(call).bind(**kwargs)
     except TypeError as err:  # a missing or unknown argument: one line, not a traceback
         raise CheckpointError(f"{what} config does not fit {target}: {err}") from None
-    return call(**kwargs)
+    return call, kwargs
 
 
 def build_model(model_cfg: DictConfig | dict) -> BaseModel:
@@ -200,19 +214,42 @@ def save_checkpoint(state: dict, path: Path) -> None:
     """Write ``state`` to ``path`` atomically: serialise in memory, write a temporary
     file beside it, flush it to disk, then rename over the old file. A crash at any
     point leaves either the old or the new checkpoint, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot create {path.parent} ({err.strerror or err}): choose a writable output_dir") from None
     buffer = io.BytesIO()
     torch.save(state, buffer)
     _write_atomic(path, buffer.getbuffer())
 
 
+class CheckpointWriteError(RunError):
+    """A file that could not be written (disk full, unwritable folder); what was there is intact."""
+
+    exit_code = 1
+
+
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` beside ``path`` and rename it into place. When the write fails (disk
+    full, a quota, an unwritable folder) the temporary file is removed, so it neither
+    fills the disk nor lingers, and ``path`` keeps its old content: one line, exit 1."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise CheckpointWriteError(f"cannot write {path} ({err.strerror or err}); {kept}: free space or choose a "
+                                   "writable output_dir") from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path.write_text(text)``, atomically and with a one-line error (a result file, a config)."""
+    _write_atomic(path, text.encode())
 
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
@@ -288,6 +325,16 @@ def stored_config(config: object, source: str) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{source}: its config has no model section: expected the resolved config that training stores")
     return config
+
+
+def check_stored_model(config: dict, source: str) -> None:
+    """``build_stored_model``'s refusals, without building the model."""
+    try:
+        allowed_call({k: v for k, v in config["model"].items() if k != "name"}, MODEL_PREFIXES, "model", base=BaseModel)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    if not isinstance(config["model"].get("name"), str):
+        raise CheckpointError(f"{source}: its model config has no name (the architecture that names checkpoint folders)")
 
 
 def build_stored_model(config: dict, source: str) -> BaseModel:
@@ -368,41 +415,38 @@ def write_export(state: dict, folder: Path, weights: str = "ema", source: str = 
         raise ValueError(f"weights={weights!r}: expected one of {list(EXPORT_KINDS)}")
     config = stored_config(state["config"], source or "checkpoint")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state["ema" if weights == "ema" else "model"].items()}
+    run_name = str(config.get("run_name", ""))
+    header = f"# resolved config of run {run_name!r} at epoch {int(state['epoch'])}, step {int(state['step'])} (scripts/export.py)\n"
+    config_bytes = (header + OmegaConf.to_yaml(OmegaConf.create(config))).encode()
     metadata = {
         "format": "pt",
         "epoch": str(int(state["epoch"])),
         "step": str(int(state["step"])),
         "weights": weights,
-        "run_name": str(config.get("run_name", "")),
+        "run_name": run_name,
         "source": source,
         "weights_sha256": weights_digest(tensors),
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest(),  # config.yaml is covered too: it rebuilds the model
     }
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot create {folder} ({err.strerror or err}): choose a writable --out") from None
     _write_atomic(folder / EXPORT_WEIGHTS, safetensors_bytes(tensors, metadata=metadata))
-    header = f"# resolved config of run {metadata['run_name']!r} at epoch {metadata['epoch']}, step {metadata['step']} (scripts/export.py)\n"
-    _write_atomic(folder / EXPORT_CONFIG, (header + OmegaConf.to_yaml(OmegaConf.create(config))).encode())
+    _write_atomic(folder / EXPORT_CONFIG, config_bytes)
 
 
-def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig, dict]:
-    """Rebuild the model of an export folder through the allowlist and load
-    ``model.safetensors`` strictly, after checking its checksum.
-
-    Returns ``(model in eval mode, the config, {"epoch", "step", "weights", "run_name",
-    "source", "weights_sha256"})``.
-    """
+def read_export(folder: str | Path) -> tuple[dict, dict[str, Tensor], dict]:
+    """Read an export folder: ``(config, tensors, info)`` after checking both checksums
+    (the tensors' and ``config.yaml``'s, in the weights file's metadata) and that the
+    config is plain data. ``info``: ``epoch``, ``step``, ``weights``, ``run_name``,
+    ``source``, ``weights_sha256``."""
     folder = Path(folder).expanduser()
     source = f"export folder {str(folder)!r}"
     weights_path, config_path = folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG
     for needed in (weights_path, config_path):
         if not needed.is_file():
             raise CheckpointError(f"{source} has no {needed.name}: write one with python scripts/export.py RUN")
-    try:
-        loaded = OmegaConf.load(config_path)
-    except yaml.YAMLError as err:
-        raise CheckpointError(f"{source}: {EXPORT_CONFIG} is not valid YAML: {_first_line(err)}") from None
-    if not isinstance(loaded, DictConfig):
-        raise CheckpointError(f"{source}: {EXPORT_CONFIG} holds a {type(loaded).__name__}, not the mapping export writes")
-    config = stored_config(OmegaConf.to_container(loaded, resolve=False), source)
     try:
         with safe_open(weights_path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -417,8 +461,20 @@ def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu
         raise CheckpointError(
             f"{source}: {EXPORT_WEIGHTS} does not match the checksum in its metadata (changed bytes); export it again"
         )
-    model = build_stored_model(config, source)
-    load_weights(model, tensors, source)
+    config_bytes = config_path.read_bytes()
+    if "config_sha256" not in metadata:
+        raise CheckpointError(f"{source}: {EXPORT_WEIGHTS} has no checksum of {EXPORT_CONFIG} (an export from an older "
+                              "version): export it again with python scripts/export.py")
+    if metadata["config_sha256"] != hashlib.sha256(config_bytes).hexdigest():
+        raise CheckpointError(f"{source}: {EXPORT_CONFIG} does not match the checksum in {EXPORT_WEIGHTS} (changed after "
+                              "export); export it again")
+    try:
+        loaded = OmegaConf.create(config_bytes.decode())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{source}: {EXPORT_CONFIG} is not valid YAML: {_first_line(err)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise CheckpointError(f"{source}: {EXPORT_CONFIG} holds a {type(loaded).__name__}, not the mapping export writes")
+    config = stored_config(OmegaConf.to_container(loaded, resolve=False), source)
     info = {
         "epoch": int(metadata["epoch"]),
         "step": int(metadata["step"]),
@@ -427,7 +483,30 @@ def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu
         "source": metadata.get("source", ""),
         "weights_sha256": metadata["weights_sha256"],  # names these weights (e.g. for eval output)
     }
+    return config, tensors, info
+
+
+def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig, dict]:
+    """Rebuild the model of an export folder through the allowlist and load
+    ``model.safetensors`` strictly (``read_export`` checks it first).
+
+    Returns ``(model in eval mode, the config, info)`` (``info`` as ``read_export``'s).
+    """
+    config, tensors, info = read_export(folder)
+    source = f"export folder {str(Path(folder).expanduser())!r}"
+    model = build_stored_model(config, source)
+    load_weights(model, tensors, source)
     return model.to(device).eval(), OmegaConf.create(config), info
+
+
+def read_stored_config(path: str | Path) -> tuple[dict, str]:
+    """The checked plain config stored in a checkpoint file or an export folder, and the
+    words that name it in messages."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
+        return read_export(path)[0], f"export folder {str(path)!r}"
+    source = f"checkpoint {str(path)!r}"
+    return stored_config(read_checkpoint(path)["config"], source), source
 
 
 def build_vae(data_cfg: DictConfig | dict, device: torch.device) -> nn.Module | None:

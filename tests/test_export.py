@@ -1,12 +1,15 @@
 """scripts/export.py: a run's weights as model.safetensors + config.yaml, loaded back like a checkpoint."""
 
+import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from evaluation.sample import load_checkpoint_model
 from models.checkpoint import (
@@ -103,26 +106,43 @@ def test_unknown_runs_and_bad_paths_are_one_line(run, tmp_path, capsys):
     assert not (tmp_path / "outputs" / "export").exists()
 
 
+def write_config_and_checksum(folder: Path, text: str) -> None:
+    """Replace an export's config.yaml and the checksum that covers it, as someone who
+    knows the format can: the checksum finds accidents, the allowlist stops intent."""
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in list(f.keys())}
+    (folder / "config.yaml").write_text(text)
+    metadata["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    save_file(tensors, folder / "model.safetensors", metadata=metadata)
+
+
 def test_a_tampered_export_is_refused(run, tmp_path, capsys):
     folder = tmp_path / "export"
     assert export(capsys, run.last, "--out", folder)[0] == 0
     config_text = (folder / "config.yaml").read_text()
 
-    # A config that names code to run: refused before anything is imported or called.
-    hostile = OmegaConf.load(folder / "config.yaml")
+    # config.yaml changed after export: its checksum no longer matches.
+    (folder / "config.yaml").write_text(config_text.replace("hidden: 32", "hidden: 33"))
+    with pytest.raises(CheckpointError, match="config.yaml does not match the checksum") as info:
+        load_model_from_checkpoint(folder)
+    assert "\n" not in str(info.value)
+
+    # A config that names code to run, with a matching checksum: refused before anything
+    # is imported or called.
+    hostile = OmegaConf.create(config_text)
     hostile.model = hostile_models(tmp_path)["torch_load"]
-    OmegaConf.save(hostile, folder / "config.yaml")
+    write_config_and_checksum(folder, OmegaConf.to_yaml(hostile))
     with pytest.raises(CheckpointError, match="_target_='torch.load' is refused") as info:
         load_model_from_checkpoint(folder)
     assert "\n" not in str(info.value) and not (tmp_path / "MARKER").exists()
 
     # A config for another architecture: the strict load names the first misfit.
-    (folder / "config.yaml").write_text(config_text.replace("hidden: 32", "hidden: 16"))
+    write_config_and_checksum(folder, config_text.replace("hidden: 32", "hidden: 16"))
     with pytest.raises(CheckpointError, match=r"has shape \(32, .*expects \(16, "):
         load_model_from_checkpoint(folder)
 
     # Changed weight bytes: the checksum in the metadata no longer matches.
-    (folder / "config.yaml").write_text(config_text)
+    write_config_and_checksum(folder, config_text)
     assert load_model_from_checkpoint(folder)[2]["step"] == 24
     raw = bytearray((folder / "model.safetensors").read_bytes())
     raw[-3] ^= 0x01  # the last tensor's bytes

@@ -34,7 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dataloaders.base_dataloaders import make_dataset, stack_targets  # noqa: E402
 from losses.base_loss import build_loss  # noqa: E402
-from models.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
+from evaluation.stored_config import stored_run_config  # noqa: E402
+from models.checkpoint import CheckpointError, read_stored_config  # noqa: E402
 from models.runs import RunLayout, find_runs  # noqa: E402
 from solvers.sampling import JumpSampler, Sampler  # noqa: E402
 
@@ -104,7 +105,9 @@ def find_run(ckpt_root: str | Path, run_name: str | None) -> RunInfo:
             names = ", ".join(sorted({r.run for r in runs})) or "none"
             raise VisError(f"no run {run_name!r} under {str(root)!r} (runs there: {names})")
         run = matches[0]
-    return RunInfo(layout=run, cfg=OmegaConf.create(read_checkpoint(run.last)["config"]))
+    # The stored config describes the model; where data is read comes from this machine's configs.
+    stored, source = read_stored_config(run.last)
+    return RunInfo(layout=run, cfg=stored_run_config(stored, [], source, what="a visualizer"))
 
 
 def require_kind(run: RunInfo, kinds: tuple[str, ...], visualizer: str) -> None:
@@ -118,6 +121,11 @@ def require_kind(run: RunInfo, kinds: tuple[str, ...], visualizer: str) -> None:
 def reference_data(cfg: DictConfig, n: int) -> np.ndarray | None:
     """Up to ``n`` held-out data points to draw behind the samples (None if the
     data file of a points run is gone: the picture is still worth drawing)."""
+    missing = OmegaConf.missing_keys(cfg.dataloaders)
+    if missing:  # a points run: its file is this machine's to name, and a checkpoint does not name it
+        print(f"note: dataloaders.{sorted(missing)[0]} is not set on this machine; drawing samples without the data behind them",
+              file=sys.stderr)
+        return None
     try:
         dataset = make_dataset(cfg.dataloaders, "test")  # through the allowlist: the config came from a file
     except FileNotFoundError as err:

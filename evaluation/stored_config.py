@@ -1,0 +1,166 @@
+"""The config a stored run is used with: what the checkpoint says about the model and its
+training, and what this machine and this command line say about where files are.
+
+A checkpoint (or an export folder) embeds the resolved config of its run. It describes a
+model and how it was trained; it never decides where this program reads, writes or
+downloads, since a file from someone else could point a data loader at a folder of its
+choosing. So ``eval_checkpoint``, ``scripts/export.py`` and the visualizers use
+
+    this machine's ``configs/train.yaml``, composed with the run's data set (and model
+    and loss, where this machine has those configs) and the command line's overrides,
+    overlaid by the stored config everywhere except
+      - where files are: the data locations and ``download`` (``LOCATION_KEYS``, at any
+        depth of ``dataloaders``), the VAE (``dataloaders.vae``), a FID reference other
+        than ``heldout``, and the keys of ``THIS_MACHINE`` (``output_dir``, ``device``, ...);
+      - what the command line sets for this evaluation: ``eval.*``, ``solver``, ``seed``
+        and ``run_name``, when typed.
+
+The stored run name then goes through the same check as a typed one
+(``launcher.validate_config``), so it cannot name a folder outside ``output_dir``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from models.checkpoint import CheckpointError, check_stored_model
+from models.runs import RunError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# Keys of a data config that say where files are read from, or whether to download.
+# tests/test_hostile_files.py checks that every path-like key of configs/dataloaders/ is here.
+LOCATION_KEYS = ("root", "path", "latent_dir", "image_dir", "val_latent_dir", "val_image_dir", "download")
+# Top-level keys that are about this machine and this invocation, never the stored run's.
+THIS_MACHINE = ("device", "output_dir", "eval_checkpoint", "init_from", "resume", "overwrite", "num_workers",
+                "trackio", "compile", "compile_mode", "precision", "tf32", "cudnn_benchmark")
+# What a command line may set when it re-uses a stored run (besides THIS_MACHINE and data locations).
+TYPED_FOR_EVALUATION = ("eval", "solver", "seed", "run_name")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """``configs/train.yaml`` with ``overrides``, through Hydra's compose API (no run
+    folder, no change of working directory); not yet resolved."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="denoising_zoo"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def override_key(override: str) -> str:
+    """``eval.steps`` of ``eval.steps=2`` (and of ``+eval.steps=2`` / ``~eval.steps``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def is_location(key: str) -> bool:
+    """Whether a dotted key names where data is read (``dataloaders.dataset.root``, the VAE)."""
+    parts = key.split(".")
+    return parts[0] == "dataloaders" and len(parts) > 1 and (parts[-1] in LOCATION_KEYS or parts[1] == "vae")
+
+
+def check_overrides(overrides: list[str], data_name: str, what: str) -> None:
+    """Refuse (one line) an override that would change the stored run rather than how it is used."""
+    for override in overrides:
+        key = override_key(override)
+        top = key.split(".")[0]
+        if key == "dataloaders":
+            if override.partition("=")[2] != data_name:
+                raise RunError(f"{override}: {what} uses its own data set ({data_name}); "
+                               "set where its files are with dataloaders.root=... / dataloaders.dataset.path=...")
+            continue
+        if top in THIS_MACHINE or top in TYPED_FOR_EVALUATION or is_location(key):
+            continue
+        raise RunError(f"{key}: {what} takes the model, loss, data set and training settings from the checkpoint; "
+                       f"the command line sets only {', '.join(TYPED_FOR_EVALUATION)}, data locations "
+                       f"(dataloaders.{'/'.join(LOCATION_KEYS[:3])}..., dataloaders.vae.*) and {', '.join(THIS_MACHINE[:2])}")
+
+
+def _config_choice(group: str, node: object) -> str | None:
+    """The config file of ``group`` that this machine has for the stored node's ``name``."""
+    name = node.get("name") if isinstance(node, dict) else None
+    if isinstance(name, str) and name.isidentifier() and (CONFIG_DIR / group / f"{name}.yaml").is_file():
+        return name
+    return None
+
+
+def _stored_data(stored: dict, machine: dict, source: str, where: str = "dataloaders") -> dict:
+    """The stored data config with every location replaced by this machine's (or dropped)."""
+    merged = {}
+    for key, value in stored.items():
+        if key == "vae" and where == "dataloaders":
+            continue  # the VAE is a download or a local folder: this machine's
+        if key in LOCATION_KEYS:
+            if key in machine:
+                merged[key] = machine[key]
+        elif isinstance(value, dict):
+            merged[key] = _stored_data(value, machine.get(key) if isinstance(machine.get(key), dict) else {}, source,
+                                       f"{where}.{key}")
+        else:
+            merged[key] = value
+    for key, value in machine.items():  # this machine's keys the stored run lacks (its locations, the VAE, new options)
+        merged.setdefault(key, value)
+    return merged
+
+
+def stored_run_config(stored: dict, overrides: list[str], source: str, what: str = "eval_checkpoint") -> DictConfig:
+    """The config to use a stored run with (see the module docstring).
+
+    Args:
+        stored: the run's resolved config, checked plain data (``models.checkpoint.stored_config``).
+        overrides: the command line's Hydra overrides.
+        source: names the file in messages.
+        what: names the command in messages.
+    """
+    check_stored_model(stored, source)  # the model first: a refused target is named as such
+    data = stored.get("dataloaders")
+    data_name = _config_choice("dataloaders", data)
+    if data_name is None:
+        have = sorted(p.stem for p in (CONFIG_DIR / "dataloaders").glob("*.yaml"))
+        name = data.get("name") if isinstance(data, dict) else None
+        raise CheckpointError(f"{source}: its data set {name!r} is not one of this machine's configs/dataloaders "
+                              f"({', '.join(have)}): it cannot be evaluated here")
+    check_overrides(overrides, data_name, what)
+    choices = [f"dataloaders={data_name}"]
+    for group in ("model", "loss"):  # so this machine's defaults resolve against the run's shapes
+        if (choice := _config_choice(group, stored.get(group))) is not None:
+            choices.append(f"{group}={choice}")
+    typed = [o for o in overrides if override_key(o) != "dataloaders"]
+    composed = compose([*choices, *typed])
+    if not any(override_key(o) == "run_name" for o in typed):
+        composed.run_name = "stored"  # replaced by the stored name below; resolving needs a value
+    OmegaConf.resolve(composed)
+    machine = OmegaConf.to_container(composed)
+    stored_target = data.get("dataset", {}).get("_target_") if isinstance(data.get("dataset"), dict) else None
+    machine_target = machine["dataloaders"]["dataset"]["_target_"]
+    if stored_target != machine_target:
+        raise CheckpointError(f"{source}: its data set {data_name} is built by {str(stored_target)[:80]!r}, but this machine's "
+                              f"configs/dataloaders/{data_name}.yaml builds it with {machine_target!r}")
+    config = dict(machine)
+    for key, value in stored.items():
+        if key in THIS_MACHINE:
+            continue
+        if key == "dataloaders":
+            config[key] = _stored_data(value, machine["dataloaders"], source)
+        else:
+            config[key] = value
+    cfg = OmegaConf.create(config)
+    reference = OmegaConf.select(cfg, "eval.fid.reference")
+    if reference is not None and reference != "heldout":  # a folder, a statistics file or a download: this machine's
+        OmegaConf.update(cfg, "eval.fid.reference", OmegaConf.select(composed, "eval.fid.reference"), merge=False)
+    for override in typed:  # what this command line sets for this use of the run
+        key = override_key(override)
+        if key.split(".")[0] in TYPED_FOR_EVALUATION:
+            OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
+    return cfg
+
+
+def eval_checkpoint_config(overrides: list[str]) -> DictConfig:
+    """The resolved config of ``python launcher.py eval_checkpoint=PATH [overrides]``."""
+    from models.checkpoint import read_stored_config
+
+    paths = [o.partition("=")[2] for o in overrides if override_key(o) == "eval_checkpoint"]
+    stored, source = read_stored_config(paths[-1])
+    return stored_run_config(stored, overrides, source)

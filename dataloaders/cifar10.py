@@ -37,7 +37,12 @@ BATCH_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array reconstructor, wherever this numpy version keeps it
+RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array reconstructors, wherever this numpy version keeps them
+FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
+
+
+class RefusedObject(pickle.UnpicklingError):
+    """A pickle that names an object a CIFAR-10 batch does not hold."""
 
 
 class BatchUnpickler(pickle.Unpickler):
@@ -53,6 +58,8 @@ class BatchUnpickler(pickle.Unpickler):
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): RECONSTRUCT,
         ("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT,
+        ("numpy.core.numeric", "_frombuffer"): FROMBUFFER,  # protocol 5's out-of-band arrays
+        ("numpy._core.numeric", "_frombuffer"): FROMBUFFER,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): codecs.encode,
@@ -61,7 +68,7 @@ class BatchUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         found = self.ALLOWED.get((module, name))
         if found is None:
-            raise pickle.UnpicklingError(f"it asks for the Python object {module}.{name}")
+            raise RefusedObject(f"it asks for the Python object {module}.{name}")
         return found
 
 
@@ -69,10 +76,10 @@ def read_batch(path: Path) -> tuple[Tensor, Tensor]:
     """One pickle batch -> uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
     try:
         entry = BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except pickle.UnpicklingError as err:
+    except RefusedObject as err:
         raise ValueError(f"{path} is refused: {err}, and a CIFAR-10 batch holds only numpy arrays, dicts, lists, "
                          "str and bytes (a tampered or foreign file?)") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:  # malformed streams
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:  # malformed
         raise ValueError(f"{path} is not a readable CIFAR-10 batch (truncated or corrupt?): {type(err).__name__}: {err}") from None
     if not isinstance(entry, dict) or b"data" not in entry or b"labels" not in entry:
         raise ValueError(f"{path} is not a CIFAR-10 batch: expected a pickled dict with b'data' and b'labels'")

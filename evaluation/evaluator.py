@@ -168,9 +168,6 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     weights = str(cfg.eval.weights)  # ema (the main EMA) | raw | one of the run's ema.decays
     settings = eval_settings(cfg)
     settings_digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    out_dir = RunLayout.of(cfg).eval_dir
-    if (err := write_error(out_dir)) is not None:
-        raise RunError(f"output_dir={cfg.output_dir}: cannot write {out_dir} ({err}): choose a writable output_dir")
     model, _, state = load_model_from_checkpoint(cfg.eval_checkpoint, device, use_ema=weights != "raw")
     if weights not in ("ema", "raw"):
         kept = state.get("emas", {})
@@ -179,7 +176,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
             raise RunError(f"eval.weights={weights}: {cfg.eval_checkpoint} keeps ema, raw{''.join(', ' + k for k in kept)}")
         model.load_state_dict(kept[key])
     vae = build_vae(cfg.dataloaders, device)
-    metrics, _ = Evaluator(cfg, build_loss(cfg.loss), device, vae)(model)
+    evaluator = Evaluator(cfg, build_loss(cfg.loss), device, vae)  # reads the data: refusals come before any folder
+    out_dir = RunLayout.of(cfg).eval_dir
+    if (err := write_error(out_dir)) is not None:  # before sampling, which may take hours
+        raise RunError(f"output_dir={cfg.output_dir}: cannot write {out_dir} ({err}): choose a writable output_dir")
+    metrics, _ = evaluator(model)
     result = {"checkpoint": str(cfg.eval_checkpoint), "run_name": cfg.run_name, "epoch": int(state["epoch"]),
               "step": int(state["step"]), "weights": weights, **metrics, "settings": settings}
     # Named by the file's content too: two different files of one run and epoch (a copy

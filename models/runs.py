@@ -30,6 +30,11 @@ import torch
 import torch.distributed as dist
 
 DIST_TIMEOUT = timedelta(minutes=60)  # rank 0 may evaluate (FID) for long while the others wait
+# A run name is a folder and the stem of file names: the longest, an archived
+# ``<run>_overwritten_YYYYmmdd-HHMMSS.pt``, adds 31 bytes (a save's temporary
+# ``.<file>.tmp`` adds 5); 200 keeps every one under the 255-byte limit of a file name,
+# with room for epoch counters past 9999.
+RUN_NAME_MAX = 200
 
 
 class RunError(RuntimeError):
@@ -101,9 +106,15 @@ class RunLayout:
 
     def check_writable(self) -> None:
         """Create the run's folders now, so an unwritable ``output_dir`` (or a file in its
-        place) is one line before the first step, not a traceback at the first save."""
-        for folder in (self.run_dir, self.archive_dir, self.plots):
+        place) is one line before the first step, not a traceback at the first save. On
+        failure the folders this call created are removed again: a refused run leaves
+        nothing behind."""
+        folders = (self.run_dir, self.archive_dir, self.plots)
+        new = sorted({p for folder in folders for p in (folder, *folder.parents) if not p.exists()}, key=lambda p: -len(p.parts))
+        for folder in folders:
             if (err := write_error(folder)) is not None:
+                for made in (p for p in new if p.is_dir()):  # deepest first, so each is empty when its turn comes
+                    made.rmdir()
                 raise RunError(f"output_dir={self.output_dir}: cannot write {folder} ({err}): choose a writable output_dir")
 
     def lock(self) -> IO[str]:
@@ -128,15 +139,32 @@ class RunLayout:
         return handle
 
     def claim(self, resume: bool, overwrite: bool, trackio: bool) -> IO[str]:
-        """Check that the run's outputs (and trackio's store) are writable, lock the run
-        folder, and check again under the lock that the run may start (no other launch
-        got in between); returns the lock to ``unlock`` at the end."""
-        self.check_writable()
+        """Check that trackio's store and the run's outputs are writable (the store first:
+        it creates none of the run's folders), lock the run folder, check again under the
+        lock that the run may start (no other launch got in between), and remove the
+        temporary files of saves that were killed; returns the lock to ``unlock`` at the end."""
         if trackio:
             check_trackio_dir()
+        self.check_writable()
         handle = self.lock()
-        self.start(resume, overwrite)
+        try:
+            self.start(resume, overwrite)
+        except RunError:
+            self.unlock(handle)
+            raise
+        self.remove_stale_temporaries()
         return handle
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete the half-written ``.<name>.tmp`` files of this run (a save killed before
+        its rename; a kill during the very first save leaves only ``.last.pt.tmp``). Call
+        it with the lock held: no save of this run is under way then."""
+        archived = re.compile(rf"\.{re.escape(self.run)}_epoch_\d{{4,}}\.pt\.tmp")  # this run's archive copies only
+        stale = list(self.run_dir.glob(".*.tmp"))
+        if self.archive_dir.is_dir():
+            stale += [p for p in self.archive_dir.iterdir() if archived.fullmatch(p.name)]
+        for path in stale:
+            path.unlink(missing_ok=True)
 
     def unlock(self, handle: IO[str]) -> None:
         """Release the run folder (the lock file goes too: a finished run leaves none)."""

@@ -17,8 +17,8 @@ from omegaconf import open_dict
 from PIL import Image
 
 import train
-from models.runs import RunError
-from models.checkpoint import CheckpointError, load_model_from_checkpoint, read_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointWriteError, load_model_from_checkpoint, read_checkpoint, save_checkpoint
+from models.runs import RunError, RunLayout
 from tests.conftest import REPO, TrainedRun, launch, launcher_env, tree_hashes
 
 pytestmark = pytest.mark.slow
@@ -191,20 +191,15 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         return HalfWriter(f) if "w" in mode else f
 
     monkeypatch.setattr(Path, "open", open_half)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*the previous last.pt is intact") as info:
         save_checkpoint(small_state(2), last)
     monkeypatch.undo()
+    assert "\n" not in str(info.value) and info.value.exit_code == 1  # one line; training failed, not the input
 
-    assert tree_hashes(last.parent)[str(last)] == good[str(last)]  # last.pt untouched
+    assert tree_hashes(last.parent) == good  # last.pt untouched, and the half-written temporary file removed
     assert read_checkpoint(last)["step"] == 1
-    leftovers = [p for p in last.parent.iterdir() if p != last]
-    assert leftovers and all(p.name.startswith(".") and not p.name.endswith(".pt") for p in leftovers)
-    assert [p.name for p in last.parent.glob("*.pt")] == ["last.pt"]  # a temp file never looks like a checkpoint
-    for partial in leftovers:
-        with pytest.raises(CheckpointError, match="truncated or corrupt"):
-            read_checkpoint(partial)
 
-    save_checkpoint(small_state(3), last)  # the next save goes through and cleans up
+    save_checkpoint(small_state(3), last)  # the next save goes through
     assert read_checkpoint(last)["step"] == 3
     assert [p.name for p in last.parent.iterdir()] == ["last.pt"]
 
@@ -245,3 +240,49 @@ def test_resume_ignores_a_stray_temp_file(cfg_train):
         cfg_train.resume = True
     with pytest.raises(RunError, match="has no checkpoint"):
         train.run(cfg_train)
+
+
+@pytest.mark.parametrize("first_save", [True, False], ids=["killed_in_the_first_save", "killed_in_a_later_save"])
+def test_claim_removes_the_temporary_files_of_killed_saves(tmp_path, first_save):
+    """A save killed before its rename leaves ``.<file>.tmp``; the next launch removes
+    this run's, once it holds the lock, and nobody else's."""
+    layout, other = RunLayout(tmp_path, "mlp", "run"), RunLayout(tmp_path, "mlp", "run2")
+    layout.run_dir.mkdir(parents=True)
+    (layout.run_dir / ".last.pt.tmp").write_bytes(b"half a checkpoint")
+    layout.archive_dir.mkdir(parents=True)
+    (layout.archive_dir / ".run_epoch_0002.pt.tmp").write_bytes(b"half an archive")
+    (other.archive_dir / ".run2_epoch_0002.pt.tmp").write_bytes(b"another run's save, under way")
+    if not first_save:
+        save_checkpoint(small_state(1), layout.last)
+    handle = layout.claim(resume=not first_save, overwrite=False, trackio=False)
+    try:
+        assert sorted(p.name for p in layout.run_dir.iterdir()) == [".lock", *([] if first_save else ["last.pt"])]
+        assert sorted(p.name for p in layout.archive_dir.iterdir()) == [".run2_epoch_0002.pt.tmp"]
+    finally:
+        layout.unlock(handle)
+    assert not first_save or not layout.last.exists()
+
+
+def test_claim_refused_under_the_lock_releases_it(tmp_path):
+    """A run that another launch finished while this one was starting: refused, and the
+    lock it took is released (no .lock left behind)."""
+    layout = RunLayout(tmp_path, "mlp", "run")
+    save_checkpoint(small_state(1), layout.last)
+    with pytest.raises(RunError, match="already has"):
+        layout.claim(resume=False, overwrite=False, trackio=False)
+    assert sorted(p.name for p in layout.run_dir.iterdir()) == ["last.pt"]
+    layout.unlock(layout.claim(resume=True, overwrite=False, trackio=False))  # and the run can be claimed again
+
+
+@pytest.mark.parametrize("blocked", ["outputs", "outputs/runs"])
+def test_claim_on_an_unwritable_output_dir_leaves_no_folder(tmp_path, blocked):
+    """A file where output_dir (or its runs/ folder, made after ckpts/) should be: refused,
+    and the folders made before the failure are removed again."""
+    if blocked == "outputs/runs":
+        (tmp_path / "outputs").mkdir()
+    (tmp_path / blocked).write_text("a file where a folder should be\n")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    layout = RunLayout(tmp_path / "outputs", "mlp", "run")
+    with pytest.raises(RunError, match="cannot write"):
+        layout.claim(resume=False, overwrite=False, trackio=False)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before

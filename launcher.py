@@ -9,6 +9,7 @@ what the user typed, 1 for a run that failed while training, 128 + N for a run s
 by signal N after writing its checkpoint. ``DZ_TRACEBACK=1`` shows the traceback.
 """
 
+import math
 import os
 import re
 import sys
@@ -60,7 +61,8 @@ def validate_config(cfg) -> None:
     """Check the values a user types on the command line, once, before anything runs."""
     from omegaconf import OmegaConf
 
-    from models.runs import RunError
+    from config_checks import check_groups
+    from models.runs import RUN_NAME_MAX, RunError
     from train import PRECISIONS
 
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -70,7 +72,23 @@ def validate_config(cfg) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+@=-]*", name) or ".." in name:
         raise RunError(f"run_name={name!r}: expected a plain name of letters, digits and . _ - + @ = "
                        "(no /, no .., not empty): it names folders under output_dir")
-    for key in ("seed", "epochs", "batch_size", "num_workers", "max_steps", "warmup_steps", "log_every_steps",
+    if len(name) > RUN_NAME_MAX:
+        raise RunError(f"run_name={name[:20]}... has {len(name)} characters: expected at most {RUN_NAME_MAX} "
+                       "(it names files such as <run_name>_overwritten_YYYYmmdd-HHMMSS.pt, within the 255-byte limit of a file name)")
+    if not isinstance(cfg.output_dir, str) or not cfg.output_dir.strip():
+        raise RunError(f"output_dir={cfg.output_dir!r}: expected a folder (e.g. output_dir=outputs); empty would write into the current folder")
+    project = cfg.trackio.project
+    if not isinstance(project, str) or not re.fullmatch(rf"[A-Za-z0-9_-]{{1,{RUN_NAME_MAX}}}", project):
+        raise RunError(f"trackio.project={project!r}: expected a name of letters, digits, _ and - (no /, not empty, at most "
+                       f"{RUN_NAME_MAX}): trackio names its files after it and drops any other character")
+    if cfg.trackio.enabled:  # names trackio reserves (registries, its sidecar files): refused at trackio.init, after the run folder
+        from trackio.sqlite_storage import SQLiteStorage
+
+        try:
+            SQLiteStorage.validate_project_name(project)
+        except ValueError as err:
+            raise RunError(f"trackio.project={project!r}: {one_line(err)}") from None
+    for key in ("seed", "epochs", "batch_size", "num_workers", "max_steps", "warmup_steps", "log_every_steps", "max_rollbacks",
                 "eval.every_epochs", "eval.num_samples", "eval.repeats", "eval.steps", "eval.batch_size",
                 "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.archive_every_epochs"):
         value = OmegaConf.select(cfg, key)
@@ -81,11 +99,22 @@ def validate_config(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, bool):
             raise RunError(f"{key}={value!r}: expected true or false")
-    for key in ("optimizer.lr", "min_lr_ratio", "grad_clip", "ema.decay", "ema.halflife_samples"):
+    for key in ("optimizer.lr", "min_lr_ratio", "grad_clip", "ema.decay", "ema.halflife_samples", "eval.guidance_scale"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise RunError(f"{key}={value!r}: expected a number")
+    shape = cfg.dataloaders.data_shape
     checks = [
+        # torch seeds lie in [0, 2**64) and epoch e's data order is seeded with seed * 1_000_003 + e
+        # (+ rank, + step on a DDP resume): 2**44 * 1_000_003 leaves ~8e17 of room below 2**64.
+        (0 <= cfg.seed < 2**44, (f"seed={cfg.seed}: expected an integer in [0, 2**44) = [0, {2**44 - 1}] (torch seeds lie in "
+                                 "[0, 2**64), and epoch e's data order is seeded with seed * 1_000_003 + e)")),
+        (math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr}: expected a finite number > 0"),
+        (math.isfinite(cfg.eval.guidance_scale), f"eval.guidance_scale={cfg.eval.guidance_scale}: expected a finite number (1: no guidance)"),
+        (cfg.on_nonfinite in ("stop", "rollback"), f"on_nonfinite={cfg.on_nonfinite!r}: expected stop or rollback"),
+        (cfg.max_rollbacks >= 1, f"max_rollbacks={cfg.max_rollbacks}: expected an integer >= 1"),
+        (not (cfg.resume and cfg.overwrite), ("resume=true with overwrite=true: resume continues the run, overwrite starts it "
+                                              "over (archiving its last.pt); drop one of them")),
         (isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs={cfg.epochs}: expected an integer >= 1"),
         (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: expected an integer >= 1"),
         (cfg.precision in PRECISIONS, f"precision={cfg.precision}: expected one of {list(PRECISIONS)}"),
@@ -100,7 +129,8 @@ def validate_config(cfg) -> None:
         (cfg.eval.repeats >= 1, f"eval.repeats={cfg.eval.repeats}: expected >= 1"),
         (cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps}: expected >= 1"),
         (cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: expected an integer >= 1"),
-        (all(k >= 1 for k in cfg.eval.meanflow_steps), f"eval.meanflow_steps={list(cfg.eval.meanflow_steps)}: expected integers >= 1"),
+        (all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in cfg.eval.meanflow_steps),
+         f"eval.meanflow_steps={list(cfg.eval.meanflow_steps)}: expected a list of integers >= 1"),
         (cfg.checkpoint.every_epochs >= 1, f"checkpoint.every_epochs={cfg.checkpoint.every_epochs}: expected >= 1"),
         (cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: expected >= 0 (0: off)"),
         (cfg.log_every_steps >= 0, f"log_every_steps={cfg.log_every_steps}: expected >= 0 (0: once per epoch)"),
@@ -108,7 +138,8 @@ def validate_config(cfg) -> None:
         (cfg.checkpoint.archive_every_epochs >= 0, f"checkpoint.archive_every_epochs={cfg.checkpoint.archive_every_epochs}: expected >= 0"),
         (cfg.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          f"compile_mode={cfg.compile_mode}: expected default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs"),
-        (len(cfg.dataloaders.data_shape) in (1, 3), f"dataloaders.data_shape={list(cfg.dataloaders.data_shape)}: expected [D] or [C, H, W]"),
+        (len(shape) in (1, 3) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape),
+         f"dataloaders.data_shape={list(shape)}: expected [D] or [C, H, W], integers >= 1"),
     ]
     fid = cfg.eval.fid
     if fid.enabled:
@@ -124,6 +155,8 @@ def validate_config(cfg) -> None:
     from solvers.runge_kutta import make_solver
 
     make_solver(cfg.solver.name, **{k: v for k, v in cfg.solver.items() if k != "name"})  # its own one-line error, now
+    if not cfg.eval_checkpoint:  # evaluation rebuilds the checkpoint's own model (models/checkpoint.py checks it)
+        check_groups(cfg)  # loss, model, data, EMAs, optimizer: what the run builds from them
 
 
 

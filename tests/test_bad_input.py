@@ -2,14 +2,17 @@
 
 Each case must end with one line on stderr that starts with ``error:`` and names the
 bad value, no Python traceback, a non-zero exit status, and no change to any existing
-checkpoint, plot or trackio record: every case runs against a copy of a finished run
-whose files are hashed before and after.
+checkpoint, plot or trackio record: most cases run against a copy of a finished run
+whose files are hashed before and after. The last section starts from nothing: each
+mistake is refused with exit status 2 before a single folder (or trackio record) is
+made, which is checked by finding the output folder, the working folder and the
+trackio store as empty as they were.
 
 Cases where the process matters (the missing run name in an empty folder, the config
-error, hostile pickles, a diverging run) start a real ``python launcher.py``; the rest
-call ``launcher.main(argv)`` in this process, which is the same code without the
-seconds of importing torch again (an escaping exception fails the test just as a
-traceback on stderr would).
+error, hostile pickles, trackio's store read from the environment at import) start a
+real ``python launcher.py``; the rest call ``launcher.main(argv)`` in this process,
+which is the same code without the seconds of importing torch again (an escaping
+exception fails the test just as a traceback on stderr would).
 """
 
 import os
@@ -25,8 +28,10 @@ import pytest
 import torch
 
 import launcher
+from config_checks import OPTIMIZERS, check_groups, check_loss, check_model, check_optimizer
 from models.checkpoint import read_checkpoint
-from tests.conftest import CONFIG_DIR, TINY_OVERRIDES, TrainedRun, last_line, launch, tree_hashes
+from models.runs import RUN_NAME_MAX
+from tests.conftest import CONFIG_DIR, TINY_OVERRIDES, TrainedRun, compose_train, last_line, launch, tree_hashes
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +152,7 @@ def test_run_names_that_would_leave_the_run_folder_are_refused(ws, name):
         (["model.activation=nope"], "unknown activation 'nope'"),
         (["loss=meanflow", "loss.time.ratio=2"], "loss.time: ratio"),
         (["optimizer.lr=-1"], "-1"),
-        (["ema.decay=2"], "ema decay"),
+        (["ema.decay=2"], "ema.decay=2"),
         (["loss.time.name=beta"], "'beta'"),
     ],
     ids=["model", "loss", "optimizer", "ema", "time_sampler"],
@@ -263,18 +268,159 @@ def test_bad_points_file_is_refused(ws, content, needle):
 
 
 # ---------------------------------------------------------------------------------
-# A loss that stops being finite
+# Refused before anything is written: exit 2, one line naming the key, no folder
 # ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lr,value,process", [("1e18", "inf", True), ("1e38", "nan", False)])
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(ws, lr, value, process):
-    """Resume the finished run with a learning rate that wrecks the weights at the first
-    new step (a resumed run may change its optimizer, not its data): the step after it
-    fails, before anything is written."""
-    extra = ["resume=true", "epochs=5", f"optimizer.lr={lr}", "grad_clip=0", "warmup_steps=0", "trackio.enabled=false"]
-    result = ws.launch(*extra) if process else ws.run(*extra)
-    line = assert_one_line_error(result, f"loss became {value}", "step 34", code=1)
-    assert "last good checkpoint" in line
-    assert ws.untouched()
-    assert read_checkpoint(ws.last)["step"] == 32
+@dataclass
+class Empty:
+    """A working folder, an output folder that does not exist yet and an empty trackio store."""
+
+    root: Path
+    cwd: Path
+    output_dir: Path
+    trackio_dir: Path
+    capsys: pytest.CaptureFixture
+    monkeypatch: pytest.MonkeyPatch
+
+    def argv(self, overrides: list[str], run_name: str = "fresh") -> list[str]:
+        given = {o.split("=", 1)[0] for o in overrides}
+        base = ["device=cpu", *([] if "output_dir" in given else [f"output_dir={self.output_dir}"])]
+        return [f"run_name={run_name}", *base, *(o.replace("{root}", str(self.root)) for o in overrides)]
+
+    def main(self, overrides: list[str], run_name: str = "fresh") -> subprocess.CompletedProcess[str]:
+        """``launcher.main`` in this process, trackio off (trackio reads its store's
+        location once, at import; the cases that need it run in a process)."""
+        self.monkeypatch.chdir(self.cwd)
+        self.capsys.readouterr()
+        argv = [*self.argv(overrides, run_name), "trackio.enabled=false"]
+        code = launcher.main(argv)
+        out = self.capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+    def nothing_written(self) -> bool:
+        return not self.output_dir.exists() and not any(self.cwd.iterdir()) and not any(self.trackio_dir.iterdir())
+
+
+@pytest.fixture
+def empty(tmp_path, capsys, monkeypatch) -> Empty:
+    cwd, store = tmp_path / "cwd", tmp_path / "trackio"
+    cwd.mkdir()
+    store.mkdir()
+    monkeypatch.delenv("DZ_TRACEBACK", raising=False)
+    return Empty(tmp_path, cwd, tmp_path / "outputs", store, capsys, monkeypatch)
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Exit 2 and exactly one line on stderr, ``error: ...``, holding every needle."""
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert_one_line_error(result, *needles, code=2)
+
+
+WRITE_DATA = {
+    "empty": lambda path: path.write_bytes(b""),
+    "strings": lambda path: np.save(path, np.array(["a", "b"])),
+}
+POINTS = ["dataloaders=points", "dataloaders.dataset.path={root}/points.npy"]
+CONDITIONAL = "model.num_classes=${dataloaders.num_classes}"
+
+REFUSED = {
+    # group arguments, checked against the annotations of the constructors that take them
+    "loss.p": (["loss=meanflow", "loss.p=abc"], ["loss.p='abc'", "a number"]),
+    "loss.eps": (["loss=meanflow", "loss.eps=abc"], ["loss.eps='abc'", "a number"]),
+    "loss.time.ratio": (["loss=meanflow", "loss.time.ratio=abc"], ["loss.time.ratio='abc'", "a number"]),
+    "loss.time.ratio_imf": (["loss=imf", "loss.time.ratio=abc"], ["loss.time.ratio='abc'"]),
+    "loss.time.mean_alphaflow": (["loss=alphaflow", "loss.time.mean=[1]"], ["loss.time.mean=[1]", "a number"]),
+    "loss.time.std_mse": (["loss=mse", "loss.time.std=abc"], ["loss.time.std='abc'"]),
+    "loss.cfg_interval": (["loss=meanflow", "loss.cfg_interval=[a,b]"], ["loss.cfg_interval=['a', 'b']", "2 numbers"]),
+    "model.hidden": (["model.hidden=abc"], ["model.hidden='abc'", "an integer"]),
+    "model.unknown": (["+model.width=3"], ["model.width", "takes no argument", "hidden"]),
+    "optimizer._target_": (["optimizer._target_=torch.optim.Nope"], ["optimizer._target_='torch.optim.Nope'", "torch.optim.AdamW"]),
+    "optimizer._target_outside": (["optimizer._target_=os.system"], ["optimizer._target_='os.system'", "torch.optim.SGD"]),
+    "optimizer.unknown": (["optimizer._target_=torch.optim.SGD"], ["optimizer.betas", "takes no argument"]),
+    "optimizer.betas": (["optimizer.betas=[0.9]"], ["optimizer.betas=[0.9]", "a list of 2 numbers"]),
+    "optimizer.betas_range": (["optimizer.betas=[2.0,0.9]"], ["optimizer (torch.optim.Adam)", "beta"]),
+    "optimizer.lr_inf": (["optimizer.lr=inf"], ["optimizer.lr=inf", "finite number > 0"]),
+    "optimizer.lr_nan": (["optimizer.lr=nan"], ["optimizer.lr=nan", "finite number > 0"]),
+    "optimizer.lr_zero": (["optimizer.lr=0"], ["optimizer.lr=0", "finite number > 0"]),
+    "optimizer.lr_negative": (["optimizer.lr=-1e-3"], ["optimizer.lr=-0.001", "finite number > 0"]),
+    "ema.decays": (["ema.decays=[abc]"], ["ema.decays=['abc']", "a list of numbers"]),
+    "ema.decays_range": (["ema.decays=[0.99,1.5]"], ["ema.decays=[0.99, 1.5]", "[0, 1)"]),
+    # the data: its files, and its shape against the data set and the model
+    "points_empty": ([*POINTS, "+write=empty"], ["dataloaders.dataset.path=", "points.npy", "empty (0 bytes)"]),
+    "points_strings": ([*POINTS, "+write=strings"], ["dataloaders.dataset.path=", "points.npy", "dtype <U1"]),
+    "data_shape_vs_data_set": (["dataloaders.data_shape=[3]"], ["dataloaders.data_shape=[3]", "kmeans", "[2]"]),
+    "data_shape_vs_model": (["dataloaders=digits"], ["model=mlp", "dataloaders.data_shape=[1, 8, 8]", "images [C, H, W]"]),
+    "data_shape_not_integers": (["dataloaders.data_shape=[a]"], ["dataloaders.data_shape=['a']", "integers >= 1"]),
+    # scalar keys
+    "eval.guidance_scale": ([CONDITIONAL, "eval.guidance_scale=abc"], ["eval.guidance_scale='abc'", "a number"]),
+    "output_dir": (["output_dir="], ["output_dir=''", "current folder"]),
+    "resume_and_overwrite": (["resume=true", "overwrite=true"], ["resume=true with overwrite=true", "drop one"]),
+    "trackio.project_empty": (["trackio.project="], ["trackio.project=''", "not empty"]),
+    "trackio.project_path": (["trackio.project=a/b"], ["trackio.project='a/b'", "no /"]),
+    "seed": (["seed=1180591620717411303424"], ["seed=1180591620717411303424", "[0, 2**44)", "1_000_003"]),
+    "seed_negative": (["seed=-1"], ["seed=-1", "[0, 2**44)"]),
+    "on_nonfinite": (["on_nonfinite=skip"], ["on_nonfinite='skip'", "stop or rollback"]),
+    "max_rollbacks_zero": (["on_nonfinite=rollback", "max_rollbacks=0"], ["max_rollbacks=0", ">= 1"]),
+    "max_rollbacks_text": (["max_rollbacks=abc"], ["max_rollbacks='abc'", "an integer"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_before_anything_is_written(empty, case):
+    overrides, needles = REFUSED[case]
+    for write in [o.split("=", 1)[1] for o in overrides if o.startswith("+write=")]:
+        WRITE_DATA[write](empty.root / "points.npy")
+    result = empty.main([o for o in overrides if not o.startswith("+write=")])
+    assert_refused(result, *needles)
+    assert empty.nothing_written()
+
+
+def test_a_run_name_too_long_for_its_file_names_is_refused(empty):
+    result = empty.main([], run_name="a" * 300)
+    assert_refused(result, "run_name=aaaa", "300 characters", f"at most {RUN_NAME_MAX}", "255")
+    assert empty.nothing_written()
+    launcher.validate_config(compose_train([f"run_name={'a' * RUN_NAME_MAX}"]))  # the longest allowed name passes
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_an_unusable_trackio_store_is_refused_before_the_run_folders(empty, where):
+    """trackio's store is checked before the run's folders are made (a real process:
+    trackio reads TRACKIO_DIR when it is imported)."""
+    blocker = empty.root / "blocker"
+    blocker.write_text("not a folder\n")
+    store = blocker if where == "a_file" else blocker / "trackio"
+    args = [*(o for o in TINY_OVERRIDES if o != "trackio.enabled=false"), "run_name=fresh", "epochs=1",
+            f"output_dir={empty.output_dir}"]
+    result = launch(args, cwd=empty.cwd, trackio_dir=store)
+    assert_refused(result, f"TRACKIO_DIR={store}", "trackio.enabled=false")
+    assert empty.nothing_written() and blocker.read_text() == "not a folder\n"
+
+
+# Controls: the checks refuse only what is wrong.
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
+def test_every_preset_passes_the_group_checks(name):
+    """The optimizer, loss and model of every preset (the model on the meta device, on
+    its data's shape); the data sets themselves need files this machine lacks."""
+    cfg = compose_train([f"experiment={name}"])
+    check_optimizer(cfg)
+    check_loss(cfg)
+    check_model(cfg)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_torch_optimizer_is_accepted(optimizer):
+    """Any torch.optim class, with the arguments it takes (SGD has no betas)."""
+    cfg = compose_train([f"optimizer._target_=torch.optim.{optimizer}", "~optimizer.betas", "~optimizer.weight_decay"])
+    check_optimizer(cfg)
+
+
+def test_a_good_points_file_and_a_conditional_model_pass(tmp_path):
+    path = tmp_path / "points.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32))
+    check_groups(compose_train(["dataloaders=points", f"dataloaders.dataset.path={path}", "dataloaders.data_shape=[3]"]))
+    check_groups(compose_train([CONDITIONAL, "loss=meanflow", "eval.guidance_scale=2.0"]))
+    check_groups(compose_train(["dataloaders=digits", "model=cnn", CONDITIONAL]))

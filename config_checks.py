@@ -1,0 +1,241 @@
+"""The groups of a composed config, checked before anything is built for real or written.
+
+``launcher.validate_config`` checks the scalar keys, then calls ``check_groups``, which
+holds every group to what will be built from it:
+
+- each argument of the loss (and of its time law), the model, the data set (and its
+  augment pipe), the EMAs and the optimizer against the type annotation of the
+  constructor that takes it (``check_arguments``): one mechanism for every key, so a
+  new constructor argument is checked by its annotation alone;
+- the optimizer's class: a ``torch.optim`` optimizer, built once on a dummy parameter so
+  its own range checks run;
+- the loss, built (its constructor's one-line ``ValueError`` names its keys);
+- the model, built on the meta device (no memory, no time) and run on a meta batch of
+  ``dataloaders.data_shape``: a model that cannot take the data is refused here;
+- one sample of the data set's held-out split against ``dataloaders.data_shape``.
+
+Every refusal is a ``RunError`` (or a constructor's ``ValueError``) of one line that
+names the key and what it expects: exit status 2, before ``train.py`` claims a folder.
+"""
+
+import collections.abc
+import inspect
+import types
+import typing
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dataloaders.base_dataloaders import make_dataset, make_unified_flow_matching_input
+from losses.base_loss import BaseLoss, build_loss, upgrade_loss_config
+from losses.time_sampling import PAIR_SAMPLERS, TIME_SAMPLERS
+from models.base_model import BaseModel
+from models.checkpoint import MODEL_PREFIXES, allowed_target, build_model
+from models.ema import EMASet
+from models.runs import RunError
+
+# What a config value can be, in words: (one, several).
+NAMES: dict[type, tuple[str, str]] = {
+    bool: ("true or false", "booleans"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    type(None): ("null", "nulls"),
+    dict: ("a mapping", "mappings"),
+}
+TIME_LAWS = TIME_SAMPLERS | PAIR_SAMPLERS  # what a loss's ``time: {name: ...}`` names
+OPTIMIZERS = sorted(name for name, obj in vars(torch.optim).items()
+                    if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer)
+# Optimizer options whose validity depends on the parameters' device: the dry run on a
+# CPU parameter leaves them out (their type is still checked).
+DEVICE_OPTIONS = ("fused", "foreach", "capturable")
+
+
+# ---------------------------------------------------------------------------------
+# Arguments against annotations
+# ---------------------------------------------------------------------------------
+
+
+def fits(value, annotation) -> bool:
+    """Whether a plain config value (number, string, bool, null, list, mapping) is of
+    the annotated type. A form this check does not know (a protocol, a type variable)
+    is left to the constructor."""
+    if annotation is inspect.Parameter.empty or annotation is typing.Any:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(fits(v, arg) for v, arg in zip(value, args))
+        return not args or all(fits(v, args[0]) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if inspect.isclass(annotation):
+        return isinstance(value, annotation)
+    return True
+
+
+def describe(annotation, plural: bool = False) -> str | None:
+    """The annotated type in words (``a list of 2 numbers``); None for what a config
+    cannot hold (a tensor), which is then not offered."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        words = [w for arg in args if (w := describe(arg, plural)) is not None]
+        return " or ".join(dict.fromkeys(words)) or None
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if annotation in NAMES:
+        return NAMES[annotation][plural]
+    if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            each = {describe(arg, plural=True) for arg in args}
+            return f"a list of {len(args)} {each.pop()}" if len(each) == 1 else f"a list of {len(args)} values"
+        each = describe(args[0], plural=True) if args else None
+        return f"a list of {each}" if each else "a list"
+    if origin is dict:
+        return NAMES[dict][plural]
+    return None
+
+
+def check_arguments(call, kwargs: dict, key: str, skip: tuple[str, ...] = ()) -> None:
+    """Refuse (one line naming ``key.argument``) an argument ``call`` does not take, one
+    whose value does not fit its annotation, or a required one that is missing.
+    ``skip``: the arguments the caller passes itself (``params``, ``split``)."""
+    signature = inspect.signature(call)
+    hints = typing.get_type_hints(call.__init__ if inspect.isclass(call) else call)
+    where = f"{call.__module__}.{call.__qualname__}"
+    params = {name: p for name, p in signature.parameters.items()
+              if name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    for name, value in kwargs.items():
+        if name not in params:
+            if open_ended:
+                continue
+            raise RunError(f"{key}.{name}: {where} takes no argument {name!r}; it takes {', '.join(params) or 'none'}")
+        annotation = hints.get(name, inspect.Parameter.empty)
+        if not fits(value, annotation):
+            raise RunError(f"{key}.{name}={value!r}: expected {describe(annotation) or annotation} (an argument of {where})")
+    missing = [name for name, p in params.items() if p.default is p.empty and name not in kwargs]
+    if missing:
+        raise RunError(f"{key}.{missing[0]} is required by {where}: pass {key}.{missing[0]}=VALUE")
+
+
+def plain(node: DictConfig) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+# ---------------------------------------------------------------------------------
+# The groups
+# ---------------------------------------------------------------------------------
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """A ``torch.optim`` class with arguments it takes, run once on a dummy parameter."""
+    node = plain(cfg.optimizer)
+    target = node.get("_target_")
+    name = target.removeprefix("torch.optim.") if isinstance(target, str) and target.startswith("torch.optim.") else None
+    if name not in OPTIMIZERS:
+        raise RunError(f"optimizer._target_={target!r}: expected a torch.optim optimizer class: "
+                       f"{', '.join('torch.optim.' + n for n in OPTIMIZERS)}")
+    if node.get("_partial_") is not True:
+        raise RunError(f"optimizer._partial_={node.get('_partial_')!r}: expected true (the loop passes the parameters)")
+    cls = getattr(torch.optim, name)
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    check_arguments(cls, kwargs, "optimizer", skip=("params",))
+    try:  # the class's own range checks (betas in [0, 1), eps >= 0, ...), on a 2-D parameter (Muon takes matrices only)
+        cls([nn.Parameter(torch.zeros(1, 1))], **{k: v for k, v in kwargs.items() if k not in DEVICE_OPTIONS})
+    except ValueError as err:
+        raise RunError(f"optimizer ({target}): {err}") from None
+
+
+def check_ema(cfg: DictConfig) -> None:
+    """``ema.*`` are the arguments of ``EMASet``; every decay in [0, 1)."""
+    ema = plain(cfg.ema)
+    check_arguments(EMASet, ema, "ema", skip=("model",))
+    if not 0.0 <= ema["decay"] < 1.0:
+        raise RunError(f"ema.decay={ema['decay']}: expected a decay in [0, 1)")
+    if not all(0.0 <= d < 1.0 for d in ema.get("decays") or []):
+        raise RunError(f"ema.decays={ema['decays']}: expected decays in [0, 1), e.g. [0.9999, 0.99995]")
+    if ema.get("halflife_samples", 0) < 0:
+        raise RunError(f"ema.halflife_samples={ema['halflife_samples']}: expected >= 0 (0: use ema.decay)")
+
+
+def check_loss(cfg: DictConfig) -> None:
+    """The loss's arguments (and its time law's) against their annotations, then the
+    loss itself (cheap: its constructor's one-line errors name ``loss.*``)."""
+    node = upgrade_loss_config({k: v for k, v in plain(cfg.loss).items() if k != "name"})
+    call = allowed_target(node.get("_target_"), ("losses.",), "loss", base=BaseLoss)
+    kwargs = {k: v for k, v in node.items() if k != "_target_"}
+    check_arguments(call, kwargs, "loss")
+    time = kwargs.get("time")
+    if isinstance(time, dict) and time.get("name") in TIME_LAWS:  # an unknown name: the loss's own error lists the laws
+        check_arguments(TIME_LAWS[time["name"]], {k: v for k, v in time.items() if k != "name"}, "loss.time")
+    build_loss(cfg.loss)
+
+
+def check_model(cfg: DictConfig) -> None:
+    """The model's arguments against their annotations, then the model built on the meta
+    device and run on a meta batch of ``dataloaders.data_shape`` (with labels when it is
+    conditional): it must give back the data's shape."""
+    node = {k: v for k, v in plain(cfg.model).items() if k != "name"}
+    call = allowed_target(node.get("_target_"), MODEL_PREFIXES, "model", base=BaseModel)
+    check_arguments(call, {k: v for k, v in node.items() if k != "_target_"}, "model")
+    shape = [int(n) for n in cfg.dataloaders.data_shape]
+    what = f"model={cfg.model.name} ({node['_target_']})"
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+        z = make_unified_flow_matching_input(torch.empty(2, *shape), torch.empty(2), torch.empty(2))
+        y = torch.zeros(2, dtype=torch.long) if model.num_classes > 0 else None
+        try:  # shapes only: a meta tensor has no data
+            out = model(z, y)
+        except (RuntimeError, ValueError, IndexError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RunError(f"{what} cannot take dataloaders.data_shape={shape} of {cfg.dataloaders.name} ({reason}): "
+                           f"choose a model for {'images [C, H, W]' if len(shape) == 3 else 'dense data [D]'} "
+                           "(configs/model/) or another data set") from None
+    if list(out.shape) != [2, *shape]:
+        raise RunError(f"{what} maps a batch of dataloaders.data_shape={shape} to shape {list(out.shape)[1:]}: "
+                       "a velocity has the data's shape")
+
+
+def check_data(cfg: DictConfig) -> None:
+    """The data set's arguments (and its augment pipe's) against their annotations, then
+    one sample of its held-out split against ``dataloaders.data_shape`` (in
+    ``mode=images`` the model sees the VAE's latents instead, whose shape the encoder sets)."""
+    data = cfg.dataloaders
+    node = plain(data.dataset)
+    call = allowed_target(node.get("_target_"), ("dataloaders.",), "dataset", functions=True)
+    check_arguments(call, {k: v for k, v in node.items() if k != "_target_"}, "dataloaders.dataset", skip=("split",))
+    if data.get("augment") is not None:
+        augment = plain(data.augment)
+        pipe = allowed_target(augment.get("_target_"), ("dataloaders.",), "augment")
+        check_arguments(pipe, {k: v for k, v in augment.items() if k != "_target_"}, "dataloaders.augment")
+    if data.get("mode") == "images":
+        return
+    dataset = make_dataset(data, "test")  # the loader's own one-line errors (a missing file, a bad array)
+    if len(dataset) == 0:
+        raise RunError(f"dataloaders={data.name}: the held-out split is empty")
+    sample = list(torch.as_tensor(dataset[0][0]).shape)
+    shape = [int(n) for n in data.data_shape]
+    if sample != shape:
+        raise RunError(f"dataloaders.data_shape={shape} but the samples of {data.name} have shape {sample}: "
+                       f"set dataloaders.data_shape={sample}, or the data set's own size to give {shape}")
+
+
+def check_groups(cfg: DictConfig) -> None:
+    """Every group of a training config (the scalar keys are checked before this)."""
+    check_optimizer(cfg)
+    check_ema(cfg)
+    check_loss(cfg)
+    check_model(cfg)
+    check_data(cfg)

@@ -22,13 +22,16 @@ is a no-op, and a remote run whose name a different local run holds is imported 
 ``NAME@modal``.
 
 ``fetch`` refuses to overwrite: if any destination file exists, nothing is downloaded.
-Without Modal credentials every command prints one line and exits 2.
+Without Modal credentials, or without the ``modal`` package, every command prints one
+line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,13 +41,21 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import modal
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
+
 from omegaconf import DictConfig, OmegaConf
 
 from models.runs import RunLayout, find_runs, is_run_file
 from scripts.trackio_merge import MergeError, merge_trackio
 
-ROOT = Path(__file__).resolve().parents[1]
+# The Modal client is needed only to reach Modal: without it --help still works, and
+# every command (and launcher.py --backend modal) says in one line what to install.
+MODAL_INSTALLED = importlib.util.find_spec("modal") is not None
+if MODAL_INSTALLED:
+    import modal
+
 DEFAULTS = ROOT / "configs" / "modal" / "default.yaml"
 VOLUME_MOUNT = "/vol"  # where the volume appears in the container
 REMOTE_PROJECT = "/root/denoising_zoo"  # where the source tree appears in the container
@@ -88,6 +99,16 @@ def modal_settings(cfg: DictConfig | None = None) -> ModalSettings:
     if not isinstance(s.timeout, int) or not 10 <= s.timeout <= 86400:
         raise ModalAppError(f"modal.timeout={s.timeout}: expected seconds in 10..86400 (Modal's limit is 24 h)")
     return s
+
+
+def modal_unavailable() -> str | None:
+    """Why nothing can reach Modal from here (the one line to print), or None."""
+    if not MODAL_INSTALLED:
+        wanted = next(r for r in project_dependencies() if re.match(r"modal\b", r))
+        return f"the Modal client is not installed: pip install '{wanted}' (one of the project's dependencies)"
+    if not has_credentials():
+        return NO_CREDENTIALS
+    return None
 
 
 def has_credentials() -> bool:
@@ -306,8 +327,8 @@ def sync_trackio(volume: VolumeFiles, local: Path) -> list[str]:
 
 def launch_remote(cfg: DictConfig, overrides: list[str]) -> int:
     """``launcher.py --backend modal``: run ``cfg`` on Modal and stream its logs here."""
-    if not has_credentials():
-        print(f"error: {NO_CREDENTIALS}", file=sys.stderr)
+    if (reason := modal_unavailable()) is not None:
+        print(f"error: {reason}", file=sys.stderr)
         return 2
     try:
         settings = modal_settings(cfg)
@@ -342,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--dest", type=Path, default=ROOT / "outputs" / "ckpts", help="local ckpts folder (default outputs/ckpts)")
     args = parser.parse_args(argv)
 
-    if not has_credentials():
-        print(f"error: {NO_CREDENTIALS}", file=sys.stderr)
+    if (reason := modal_unavailable()) is not None:
+        print(f"error: {reason}", file=sys.stderr)
         return 2
     settings = modal_settings()
     try:

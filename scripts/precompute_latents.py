@@ -16,13 +16,14 @@ import shutil
 import sys
 from pathlib import Path
 
-# Run as a file (python scripts/precompute_latents.py): make the repo root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from dataloaders.imagenet import (  # noqa: E402
+from dataloaders.imagenet import (
     SHARD_FORMAT,
     ClassFolderDataset,
     encode_in_batches,
@@ -30,7 +31,7 @@ from dataloaders.imagenet import (  # noqa: E402
     write_meta,
     write_shard,
 )
-from models.vae.vae import SDVAE  # noqa: E402
+from models.vae.vae import SDVAE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

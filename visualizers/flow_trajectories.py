@@ -14,7 +14,12 @@ into ``--out`` (default ``outputs/vis/<run_name>``).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
 
 import matplotlib.pyplot as plt
 import numpy as np

@@ -20,7 +20,12 @@ the folder is printed at the end. All run in one process, so the libraries load 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
 
 from visualizers import evolution, flow_trajectories, meanflow_steps
 from visualizers.common import DEFAULT_CKPT_ROOT, DEFAULT_VIS_ROOT, VisError, find_run, run_cli

@@ -3,12 +3,15 @@
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from evaluation import device_metrics
 from evaluation.device_metrics import DeviceMonitor, MacmonSampler, parse_macmon_line
 
 
@@ -50,71 +53,94 @@ def test_parse_skips_noise_and_partial_fields():
     assert parse_macmon_line('{"gpu_power": 2.5}') == {"gpu/power_w": 2.5}
 
 
-def write_fake_macmon(folder: Path, lines: list[str], then_sleep: float, interval: float = 0.05) -> Path:
-    """A stand-in ``macmon`` that prints ``lines`` then sleeps ``then_sleep`` s (0: exits)."""
+class Clock:
+    """Stands in for ``time`` in ``evaluation.device_metrics``: samples are stamped and
+    windows measured on a clock the test moves, so no assertion depends on how fast
+    this machine runs the stand-in ``macmon``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(device_metrics, "time", fake)
+    return fake
+
+
+def write_fake_macmon(folder: Path, lines: list[str], then: str = "exit", gated: tuple[str, ...] = ()) -> Path:
+    """A stand-in ``macmon`` that prints ``lines``; then, once the file ``go`` exists in
+    ``folder``, prints ``gated``; then sleeps until terminated (``then="sleep"``) or exits."""
     script = folder / "macmon"
     script.write_text(
         f"#!{sys.executable}\n"
-        "import sys, time\n"
+        "import os, time\n"
         f"for line in {lines!r}:\n"
         "    print(line, flush=True)\n"
-        f"    time.sleep({interval})\n"
-        f"time.sleep({then_sleep})\n"
+        f"if {list(gated)!r}:\n"
+        f"    while not os.path.exists({str(folder / 'go')!r}):\n"
+        "        time.sleep(0.01)\n"
+        f"    for line in {list(gated)!r}:\n"
+        "        print(line, flush=True)\n"
+        f"if {then == 'sleep'!r}:\n"
+        "    time.sleep(3600)\n"
     )
     script.chmod(0o755)
     return script
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+def wait_for(condition) -> None:
+    """Polls until ``condition()``; a generous deadline only turns a hang into a failure."""
+    deadline = time.monotonic() + 120
     while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+        assert time.monotonic() < deadline, "the stand-in macmon never got there"
+        time.sleep(0.01)
 
 
-def test_sampler_averages_a_live_stream(tmp_path, monkeypatch):
-    write_fake_macmon(tmp_path, LINES, then_sleep=30.0)
+def test_sampler_averages_a_live_stream(tmp_path, monkeypatch, clock):
+    write_fake_macmon(tmp_path, LINES, then="sleep")
     monkeypatch.setenv("PATH", f"{tmp_path}:{Path(sys.executable).parent}")
     sampler = MacmonSampler()  # the default command, found on PATH
     sampler.start()
     wait_for(lambda: len(sampler._samples) == 3)
     out = sampler.read()
     assert out == pytest.approx({"gpu/freq_mhz": 800.0, "gpu/util_pct": 50.0, "gpu/power_w": 3.0, "gpu/temp_c": 44.0})
-    started = time.monotonic()
+    child = sampler._proc
     sampler.stop()  # a child still sleeping is terminated, not waited for
-    assert time.monotonic() - started < 3.0
+    assert child.returncode == -signal.SIGTERM
     assert sampler.read() == {}
 
 
-def test_sampler_window_drops_old_samples(tmp_path):
-    # Three hot samples, then a steady stream of cool ones: after the window has
-    # passed, only the cool ones may count.
-    script = tmp_path / "macmon"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import time\n"
-        f"for _ in range(3): print({macmon_line(1000, 1.0, 100.0, 90.0)!r}, flush=True)\n"
-        "while True:\n"
-        f"    print({macmon_line(300, 0.0, 1.0, 30.0)!r}, flush=True)\n"
-        "    time.sleep(0.05)\n"
-    )
-    script.chmod(0o755)
-    sampler = MacmonSampler(command=[str(script)], window_s=0.5)
+def test_sampler_window_drops_old_samples(tmp_path, clock):
+    """Three hot samples, then, 10 s later on the sampler's clock, three cool ones:
+    a 5 s window counts only the cool ones."""
+    hot, cool = macmon_line(1000, 1.0, 100.0, 90.0), macmon_line(300, 0.0, 1.0, 30.0)
+    script = write_fake_macmon(tmp_path, [hot] * 3, then="sleep", gated=(cool,) * 3)
+    sampler = MacmonSampler(command=[str(script)], window_s=5.0)
     sampler.start()
-    wait_for(lambda: len(sampler._samples) >= 3)
-    time.sleep(1.0)
+    wait_for(lambda: len(sampler._samples) == 3)
+    assert sampler.read() == pytest.approx({"gpu/freq_mhz": 1000.0, "gpu/util_pct": 100.0, "gpu/power_w": 100.0,
+                                            "gpu/temp_c": 90.0})
+    clock.now += 10.0
+    (tmp_path / "go").touch()
+    wait_for(lambda: len(sampler._samples) == 6)
     out = sampler.read()
     sampler.stop()
     assert out == pytest.approx({"gpu/freq_mhz": 300.0, "gpu/util_pct": 0.0, "gpu/power_w": 1.0, "gpu/temp_c": 30.0})
 
 
-def test_sampler_survives_an_early_exit(tmp_path, caplog):
-    script = write_fake_macmon(tmp_path, LINES[:2], then_sleep=0.0)
+def test_sampler_survives_an_early_exit(tmp_path, caplog, clock):
+    script = write_fake_macmon(tmp_path, LINES[:2], then="exit")
     sampler = MacmonSampler(command=[str(script), "pipe", "-i", "500"])
     sampler.start()
     wait_for(lambda: sampler.ended)
+    clock.now += 60.0  # long after its last line: what it printed is still reported, once
     with caplog.at_level(logging.WARNING):
-        out = sampler.read()  # what it printed, once
+        out = sampler.read()
         assert sampler.read() == {}  # then nothing
     assert out == pytest.approx({"gpu/freq_mhz": 600.0, "gpu/util_pct": 30.0, "gpu/power_w": 2.0, "gpu/temp_c": 42.0})
     assert sum("macmon exited" in r.message for r in caplog.records) == 1
@@ -132,13 +158,17 @@ def test_missing_macmon_warns_once(caplog):
 
 
 def test_cpu_monitor_reports_process_metrics():
+    """RSS is this process's; after busy work between start and read the CPU share is
+    above zero (psutil counts CPU time in ticks: the work runs until the process has
+    spent 0.2 s of CPU time, whatever the machine's speed)."""
     monitor = DeviceMonitor("cpu")
     monitor.start()
-    sum(i * i for i in range(200_000))  # some CPU work between reads
+    spent = time.process_time() + 0.2
+    while time.process_time() < spent:
+        sum(i * i for i in range(10_000))
     out = monitor.read()
+    rss = psutil.Process().memory_info().rss / 2**20
     monitor.stop()
     assert set(out) == {"proc/rss_mb", "proc/cpu_pct"}
-    assert out["proc/rss_mb"] > 10.0
-    assert out["proc/cpu_pct"] >= 0.0
-
-
+    assert out["proc/rss_mb"] == pytest.approx(rss, rel=0.2)
+    assert out["proc/cpu_pct"] > 0.0

@@ -1,12 +1,16 @@
 """Checkpoints every N steps and on SIGTERM/SIGUSR1: a run killed mid-epoch (kill -9, or
 a cluster's preemption signal) and resumed ends with weights bit-identical to a run
-that was never interrupted (CPU), and its logged numbers are the same."""
+that was never interrupted (CPU), and its logged numbers are the same.
 
-import os
+The interrupted runs are real launcher processes that pause after an optimizer step
+they report ("paused at step K") until the test writes a line to their stdin: the test
+kills or signals them at that step, not at whatever moment a timer lands on.
+"""
+
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,24 +23,67 @@ from tests.conftest import LAUNCHER, TINY_OVERRIDES, launch, launcher_env
 # epoch boundary before step 320), evaluation only at the end.
 OVERRIDES = [*TINY_OVERRIDES, "dataloaders.dataset.num_samples=4096", "epochs=2", "checkpoint.every_steps=5",
              "eval.every_epochs=100", "checkpoint.archive_every_epochs=0"]
+STEPS = 128
+
+# python -c GATED PAUSE_AT LAUNCHER ARGS...: the launcher, as `python launcher.py ARGS`,
+# with Trainer.train_step wrapped to pause after optimizer step PAUSE_AT.
+GATED = """
+import runpy, sys
+from pathlib import Path
+pause_at, launcher = int(sys.argv[1]), sys.argv[2]
+sys.argv = sys.argv[2:]
+sys.path.insert(0, str(Path(launcher).parent))
+import train
+
+step = train.Trainer.train_step
+
+def gated_step(self, batch):
+    step(self, batch)
+    if self.step == pause_at:
+        print(f"paused at step {self.step}", flush=True)
+        sys.stdin.readline()  # the test kills or signals the run here, then lets it go on
+
+train.Trainer.train_step = gated_step
+runpy.run_path(launcher, run_name="__main__")
+"""
+HANG_GUARD_S = 300  # kills a run that never reaches its pause (the test then fails, it does not hang)
 
 
 def last_pt(out: Path, run: str) -> Path:
     return out / "ckpts" / "mlp" / run / "last.pt"
 
 
-def start(out: Path, run: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(LAUNCHER), *OVERRIDES, f"run_name={run}", f"output_dir={out}", *extra],
-                            cwd=out.parent, env=launcher_env(out.parent / ".trackio-unused"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class PausedRun:
+    """A launcher run of OVERRIDES that stops after step ``pause_at`` until released."""
 
+    def __init__(self, out: Path, run: str, pause_at: int, *extra: str) -> None:
+        self.pause_at, self.stderr_path = pause_at, out.parent / f"{run}.stderr"
+        with self.stderr_path.open("w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", GATED, str(pause_at), str(LAUNCHER), *OVERRIDES, f"run_name={run}",
+                 f"output_dir={out}", *extra],
+                cwd=out.parent, env=launcher_env(out.parent / ".trackio-unused"),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.guard = threading.Timer(HANG_GUARD_S, self.proc.kill)
+        self.guard.daemon = True
+        self.guard.start()
+        while (line := self.proc.stdout.readline()) != f"paused at step {pause_at}\n":
+            assert line, f"the run ended before step {pause_at}: {self.stderr()[-2000:]}"
 
-def wait_for_step_checkpoint(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before its first step checkpoint: {proc.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, "no step checkpoint appeared"
-        time.sleep(0.005)
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def release(self) -> None:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.close()
+
+    def finish(self) -> int:
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.stdout.read()  # the rest of its log, so it never waits on a full pipe
+        self.proc.wait()
+        self.guard.cancel()
+        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +95,21 @@ def straight(tmp_path_factory) -> dict:
 
 
 def assert_same_run(resumed: dict, straight: dict) -> None:
-    assert resumed["step"] == straight["step"] == 128 and resumed["epoch"] == straight["epoch"] == 2
+    assert resumed["step"] == straight["step"] == STEPS and resumed["epoch"] == straight["epoch"] == 2
     for key in ("model", "ema"):
         for name, value in straight[key].items():
             assert torch.equal(resumed[key][name], value), f"{key}.{name} differs from the uninterrupted run"
-    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["metrics"] == straight["metrics"]  # the same code path twice: bit-identical, not just close
 
 
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, straight):
     out = tmp_path / "out"
-    proc = start(out, "k")
-    wait_for_step_checkpoint(last_pt(out, "k"), proc)
-    proc.kill()  # SIGKILL: no handler runs, the last step checkpoint is what survives
-    proc.communicate()
+    run = PausedRun(out, "k", pause_at=12)
+    run.proc.kill()  # SIGKILL at step 12: no handler runs, the step checkpoint of step 10 is what survives
+    run.finish()
     state = read_checkpoint(last_pt(out, "k"))
-    assert 0 < state["batch_in_epoch"] < 64 and state["step"] % 5 == 0, "the kill must land mid-epoch"
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (0, 10, 10)
     assert (last_pt(out, "k").parent / ".lock").exists()  # the dead run's lock file is left, but not its lock
     result = launch([*OVERRIDES, "run_name=k", f"output_dir={out}", "resume=true"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -74,17 +120,14 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, straight):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_writes_a_checkpoint_then_resume_is_bit_identical(tmp_path, straight, signum):
     out = tmp_path / "out"
-    proc = start(out, "p", "checkpoint.every_steps=1000")  # no step checkpoints: only the signal writes one
-    deadline = time.monotonic() + 120
-    while "epoch 1/2" not in (line := proc.stderr.readline()):  # tqdm's bar: training has started
-        assert line or proc.poll() is None, "the run ended before training started"
-        assert time.monotonic() < deadline
-    os.kill(proc.pid, signum)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signum, stderr[-2000:]
-    assert f"stopped by {signal.Signals(signum).name} at step" in stderr and "resume=true" in stderr
+    run = PausedRun(out, "p", 37, "checkpoint.every_steps=1000")  # no step checkpoints: only the signal writes one
+    run.proc.send_signal(signum)  # handled while the run waits; acted on at the next step boundary
+    run.release()
+    assert run.finish() == 128 + signum, run.stderr()[-2000:]
+    stderr = run.stderr()
+    assert f"stopped by {signal.Signals(signum).name} at step 37" in stderr and "resume=true" in stderr
     state = read_checkpoint(last_pt(out, "p"))
-    assert 0 < state["step"] < 128
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (0, 37, 37)
     result = launch([*OVERRIDES, "run_name=p", f"output_dir={out}", "resume=true"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(read_checkpoint(last_pt(out, "p")), straight)
@@ -95,16 +138,17 @@ def test_a_second_launch_of_a_running_run_is_refused(tmp_path):
     """Two launches of one run_name (resume=true, or overwrite=true, would let the second
     one past the existing-checkpoint check): the one that trains holds the run folder."""
     out = tmp_path / "out"
-    proc = start(out, "busy", "epochs=1000")  # long enough to still be training when the others start
-    wait_for_step_checkpoint(last_pt(out, "busy"), proc)
+    run = PausedRun(out, "busy", pause_at=7)  # holds its lock, paused after the step checkpoint of step 5
+    written = last_pt(out, "busy").read_bytes()
     for extra in (["resume=true"], ["overwrite=true"]):
-        second = launch([*OVERRIDES, "run_name=busy", f"output_dir={out}", "epochs=1000", *extra], cwd=tmp_path)
+        second = launch([*OVERRIDES, "run_name=busy", f"output_dir={out}", *extra], cwd=tmp_path)
         assert second.returncode == 2, second.stderr[-2000:]
         lines = [line for line in second.stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("error: run 'busy' is being trained right now by pid") and "Traceback" not in second.stderr
-    assert proc.poll() is None, "the first run must still be training for the check to mean anything"
-    assert read_checkpoint(last_pt(out, "busy"))["config"]["run_name"] == "busy"  # nothing replaced its checkpoint
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert run.proc.poll() is None
+    assert last_pt(out, "busy").read_bytes() == written  # nothing replaced its checkpoint
+    run.proc.send_signal(signal.SIGTERM)
+    run.release()
+    assert run.finish() == 128 + signal.SIGTERM, run.stderr()[-2000:]
+    assert read_checkpoint(last_pt(out, "busy"))["step"] == 7
     assert not (last_pt(out, "busy").parent / ".lock").exists()  # the folder is released on the way out

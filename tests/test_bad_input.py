@@ -384,18 +384,27 @@ def test_a_run_name_too_long_for_its_file_names_is_refused(empty):
     launcher.validate_config(compose_train([f"run_name={'a' * RUN_NAME_MAX}"]))  # the longest allowed name passes
 
 
-@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+READ_ONLY_NEEDS_A_USER = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file", pytest.param("read_only", marks=READ_ONLY_NEEDS_A_USER)])
 def test_an_unusable_trackio_store_is_refused_before_the_run_folders(empty, where):
     """trackio's store is checked before the run's folders are made (a real process:
     trackio reads TRACKIO_DIR when it is imported)."""
     blocker = empty.root / "blocker"
-    blocker.write_text("not a folder\n")
-    store = blocker if where == "a_file" else blocker / "trackio"
+    if where == "read_only":
+        blocker.mkdir()
+        blocker.chmod(0o555)
+        store = blocker / "trackio"
+    else:
+        blocker.write_text("not a folder\n")
+        store = blocker if where == "a_file" else blocker / "trackio"
     args = [*(o for o in TINY_OVERRIDES if o != "trackio.enabled=false"), "run_name=fresh", "epochs=1",
             f"output_dir={empty.output_dir}"]
     result = launch(args, cwd=empty.cwd, trackio_dir=store)
     assert_refused(result, f"TRACKIO_DIR={store}", "trackio.enabled=false")
-    assert empty.nothing_written() and blocker.read_text() == "not a folder\n"
+    assert empty.nothing_written()
+    assert blocker.read_text() == "not a folder\n" if blocker.is_file() else list(blocker.iterdir()) == []
 
 
 # Controls: the checks refuse only what is wrong.

@@ -22,6 +22,8 @@ import launcher
 from scripts import modal_app
 
 ROOT = Path(__file__).resolve().parents[1]
+# The modal package is needed only to reach Modal; these tests read its objects.
+needs_modal = pytest.mark.skipif(not modal_app.MODAL_INSTALLED, reason="the modal package is not installed")
 TINY = [
     "epochs=2", "model.hidden=32", "dataloaders.dataset.num_samples=512", "batch_size=64",
     "eval.num_samples=64", "eval.steps=4", "eval.plot=false", "device=cpu",
@@ -59,6 +61,7 @@ def function_definition(fn) -> dict:
     return closure(synchronizer._translate_in(fn)._load)
 
 
+@needs_modal
 def test_app_is_built_from_the_config():
     cfg = compose(["run_name=m"])
     with open_dict(cfg):
@@ -124,6 +127,7 @@ print("RESULT " + json.dumps(result))
 """
 
 
+@needs_modal
 @pytest.mark.slow
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_remote_function_body_trains_into_the_volume(tmp_path, gpus):
@@ -187,10 +191,39 @@ def test_fetch_picks_one_run_and_refuses_to_overwrite(tmp_path):
         modal_app.fetch_run(modal_app.FolderVolume(volume), "zz", dest)
 
 
-@pytest.mark.parametrize("command", [["launcher.py", "--backend", "modal", "run_name=x"], ["scripts/modal_app.py", "list"],
-                                     ["scripts/modal_app.py", "sync"]])
+COMMANDS = [["launcher.py", "--backend", "modal", "run_name=x"], ["scripts/modal_app.py", "list"],
+            ["scripts/modal_app.py", "sync"], ["scripts/modal_app.py", "fetch", "x"]]
+
+
+def user_env(home: Path) -> dict[str, str]:
+    """No Modal credentials (no MODAL_* variables, an empty home) and no PYTHONPATH: the
+    commands run as a user types them in the repository."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MODAL_") and k != "PYTHONPATH"} | {"HOME": str(home)}
+
+
+@needs_modal
+@pytest.mark.parametrize("command", COMMANDS)
 def test_missing_credentials_is_one_line(tmp_path, command):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")} | {"HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, env=user_env(tmp_path), capture_output=True, text=True,
+                            timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {modal_app.NO_CREDENTIALS}", result.stderr
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, ["scripts/modal_app.py", "--help"]])
+def test_without_the_modal_package_each_command_says_what_to_install(tmp_path, command):
+    """``modal`` made unimportable (a sitecustomize marks it missing): --help still
+    prints the usage, every other command one line naming the requirement, exit 2."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['modal'] = None  # import modal: ModuleNotFoundError\n")
+    env = user_env(tmp_path) | {"PYTHONPATH": str(blocker)}
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
+    if command[-1] == "--help":
+        assert result.returncode == 0 and result.stdout.startswith("usage: modal_app.py"), result.stderr
+        return
+    requirement = next(r for r in modal_app.project_dependencies() if r.startswith("modal"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: the Modal client is not installed: pip install '{requirement}' (one of the " \
+                                    "project's dependencies)", result.stderr

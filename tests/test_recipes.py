@@ -10,6 +10,7 @@ import math
 import re
 
 import pytest
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tests.conftest import CONFIG_DIR, REPO, compose_train
@@ -134,16 +135,27 @@ def test_cifar10_presets_show_the_published_time_laws():
         assert cfg.dataloaders.augment.p == 0.12 and cfg.loss.time.ratio == 0.75
 
 
-def test_pair_sampler_options_build():
-    """Each MeanFlow preset's loss.time builds through the time-sampling module."""
+ONE_STEP_LOSSES = {"meanflow", "imf", "alphaflow"}  # the losses that draw (s, t) pairs
+
+
+def test_pair_sampler_options_build_and_draw_their_law():
+    """Each preset of the one-step family: its loss.time builds through the time-sampling
+    module and draws pairs 0 <= s <= t <= 1, with s != t for about ``ratio`` of them."""
     from losses.time_sampling import make_pair_sampler
 
+    seen = set()
     for name in PRESETS:
         cfg = composed(name)
-        if cfg.loss.name != "meanflow":
+        if cfg.loss.name not in ONE_STEP_LOSSES:
             continue
         options = OmegaConf.to_container(cfg.loss.time, resolve=True)
-        make_pair_sampler(options.pop("name"), **options)
+        sampler = make_pair_sampler(options.pop("name"), **options)
+        torch.manual_seed(0)
+        s, t = sampler.sample(4096, torch.device("cpu"))
+        assert s.shape == t.shape == (4096,) and bool(((s >= 0) & (s <= t) & (t <= 1)).all()), name
+        assert abs(float((s != t).float().mean()) - options["ratio"]) < 0.05, name  # 7 binomial std at n = 4096
+        seen.add(cfg.loss.name)
+    assert seen == ONE_STEP_LOSSES  # every loss of the family has a preset, and each was drawn from
 
 
 def test_augment_options_build():

@@ -14,6 +14,7 @@ indices at once and the noise is drawn in one vectorised call.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -260,14 +261,18 @@ class EpochSampler(Sampler[int]):
     share of it (every ``world``-th index, the tail that does not fill a global batch
     dropped), from batch ``start_batch`` on. This is what makes resume exact, at an epoch
     boundary or in the middle of one: the epoch is re-drawn and continues at the next batch.
+    Batches listed in ``skip`` (their positions in the epoch, the same on every rank) are
+    left out: a batch whose loss was not finite, after a rollback. ``positions`` lists the
+    position of each batch handed out, so the loop knows where it stands in the epoch.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                 start_batch: int = 0) -> None:
+                 start_batch: int = 0, skip: Collection[int] = ()) -> None:
         self.batches = n // (batch_size * world)  # full batches per rank
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=gen)[: self.batches * batch_size * world]
-        self.indices = perm[rank::world][start_batch * batch_size :].tolist()
+        self.positions = [b for b in range(start_batch, self.batches) if b not in skip]
+        self.indices = perm[rank::world].reshape(self.batches, batch_size)[self.positions].flatten().tolist()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -276,9 +281,10 @@ class EpochSampler(Sampler[int]):
         return iter(self.indices)
 
 
-def make_train_loader(cfg, dataset: Dataset, epoch: int, rank: int = 0, world: int = 1, start_batch: int = 0) -> DataLoader:
-    """The loader of ``epoch`` for this rank, starting at batch ``start_batch``."""
-    sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, rank, world, start_batch)
+def make_train_loader(cfg, dataset: Dataset, epoch: int, rank: int = 0, world: int = 1, start_batch: int = 0,
+                      skip: Collection[int] = ()) -> DataLoader:
+    """The loader of ``epoch`` for this rank, starting at batch ``start_batch``, without the batches in ``skip``."""
+    sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, rank, world, start_batch, skip)
     augment_cfg = cfg.dataloaders.get("augment")  # training batches only: held-out and reference data stay as they are
     augment = None if augment_cfg is None else instantiate_allowed(augment_cfg, ("dataloaders.",), "augment")
     return DataLoader(

@@ -4,19 +4,19 @@
               └─ otherwise → Trainer(cfg).fit(): train_step (loss → backward → clip →
                  optimizer → EMA), then at boundaries log, evaluate (EMA), snapshot
 
-The loss owns its times and says how its model samples, ``dataloaders/`` builds the data,
-``models/runs.py`` owns the run's files, ``evaluation/`` scores and draws. Exact resume:
-epoch e's order is fixed by (seed, e) and continues at the next batch, and the RNG states
-are saved with each checkpoint (every N steps or epochs, on SIGTERM/SIGUSR1): a stopped
-and resumed run ends with bit-identical weights on the CPU.
+The loss owns its times and its samplers, ``dataloaders/`` the data, ``models/runs.py`` the
+run's files, ``evaluation/`` scores, draws and records. Exact resume: epoch e's order is fixed
+by (seed, e) and continues at the next batch; RNG states are saved with each checkpoint (every
+N steps or epochs, on SIGTERM/SIGUSR1), so a stopped and resumed run ends bit-identical on the
+CPU. A non-finite step stops the run, or (on_nonfinite=rollback) reloads last.pt without its batch.
 """
 
 import math
 import os
 import signal
-import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from dataloaders.base_dataloaders import make_dataset, make_train_loader
 from evaluation.device_metrics import DeviceMonitor
 from evaluation.evaluator import Evaluator, evaluate_checkpoint
+from evaluation.tracking import RunRecord
 from losses.base_loss import LossModule, build_loss
 from models.checkpoint import build_model, build_vae, read_checkpoint, save_checkpoint, unwrap
 from models.ema import EMASet
@@ -38,6 +39,14 @@ from models.runs import process_group, resolve_device, resume_changes, rng_state
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before they take a job's machine
+
+
+class NonFinite(TrainingFailed):
+    """A step whose loss or gradient was not finite; nothing of it reached the weights."""
+
+    def __init__(self, event: str, last: Path) -> None:
+        self.event = event  # what failed, at which step and batch
+        super().__init__(f"{event}; " + (f"the last good checkpoint is kept at {last}" if last.exists() else "no checkpoint was written yet"))
 
 
 def lr_lambda(warmup_steps: int, schedule: str, total_steps: int, min_lr_ratio: float):
@@ -92,13 +101,10 @@ class Trainer:
         # inductor failed to compile the MeanFlow JVP of the SmallCNN (torch 2.14).
         self.step_module = torch.compile(wrapped, mode=cfg.compile_mode, dynamic=False) if cfg.compile else wrapped
         self.ranks_checked = world == 1
-        self.step = self.epoch = self.batch_in_epoch = 0  # batch_in_epoch: batches done in the current epoch
-        self.totals: dict[str, float] = {}  # sums of the train metrics since the last log, and their count
+        self.step = self.epoch = self.batch_in_epoch = 0  # batch_in_epoch: the epoch's batches behind (done or skipped)
         self.last_metrics: dict[str, float] = {}
-        self.history: list[dict[str, float]] = []  # every row logged (kept in checkpoints: re-logged if lost)
-        self.logged: set[int] = set()  # the steps trackio already holds for this run
+        self.record = RunRecord()  # the rows logged (sent to trackio once each) and the batches skipped
         self.stop_signal: int | None = None  # set by the SIGTERM/SIGUSR1 handler
-        self.tracker = None
         if resume_state is not None:
             self._restore(resume_state)
         elif cfg.init_from:
@@ -112,13 +118,12 @@ class Trainer:
 
     # --- run folder ------------------------------------------------------------------
 
-    def _check_same_model(self, state: dict, what: str) -> None:
-        ours, saved = OmegaConf.to_container(self.cfg.model, resolve=True), state["config"]["model"]
-        if ours != saved:
-            raise RunError(f"{what}: the checkpoint's model {saved} differs from this run's {ours}: use the same model settings")
-
-    def _restore(self, state: dict) -> None:
-        changes = resume_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))  # refuses model/loss/data
+    def _restore(self, state: dict, rollback: bool = False) -> None:
+        """Everything a checkpoint holds, with this run's optimizer settings: on resume (which
+        refuses another model, loss or data and says what changed) and on a rollback (this run's own last.pt)."""
+        changes = {} if rollback else resume_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
+        if self.is_main:
+            print("".join(f"resume: {key} {was} -> {now}\n" for key, (was, now) in changes.items()), end="", flush=True)
         for target, key in ((self.model, "model"), (self.optimizer, "optimizer"), (self.scheduler, "scheduler"),
                             (self.scaler, "scaler"), (self.loss_fn, "loss")):
             target.load_state_dict(state.get(key, {}) if key == "loss" else state[key])  # loss state: from losses that keep one
@@ -130,13 +135,10 @@ class Trainer:
         self.scheduler.base_lrs = [options["lr"]] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
             group |= options | {"initial_lr": options["lr"], "lr": options["lr"] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)}
-        if self.is_main:
-            print("".join(f"resume: {key} {was} -> {now}\n" for key, (was, now) in changes.items()), end="", flush=True)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))  # checkpoints from before step checkpoints: 0
-        self.totals = dict(state.get("totals", {}))
         self.last_metrics = dict(state.get("metrics", {}))
-        self.history = list(state.get("history", []))
+        self.record.restore(state, rows_only=rollback)  # a rollback keeps the run's skips and count, newer than last.pt's
         set_rng_state(state["rng"])
         if self.world > 1:
             # Every rank loaded rank 0's RNG state; re-split the streams so the ranks
@@ -146,7 +148,9 @@ class Trainer:
     def _init_from(self, path: str) -> None:
         """Start from another run's weights (model and EMA), e.g. a flow-matching run seeding MeanFlow."""
         state = read_checkpoint(path)
-        self._check_same_model(state, f"init_from={path}")
+        ours, saved = OmegaConf.to_container(self.cfg.model, resolve=True), state["config"]["model"]
+        if ours != saved:
+            raise RunError(f"init_from={path}: the checkpoint's model {saved} differs from this run's {ours}: use the same model settings")
         self.model.load_state_dict(state["model"])
         self.ema.load_checkpoint(state)
 
@@ -156,16 +160,14 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = self.step_module(batch)
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.world > 1:
-            dist.all_reduce(bad)  # every rank stops together
-        if bad.item():
-            value = f"{loss.item()}" if self.world == 1 else f"non-finite on {int(bad.item())} of {self.world} ranks"
-            kept = f"the last good checkpoint is kept at {self.layout.last}" if self.layout.last.exists() else "no checkpoint was written yet"
-            raise TrainingFailed(f"loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); {kept}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.cfg.grad_clip > 0:
+        # The gradient's norm is checked with the loss (fp16's scaler skips inf gradients itself): a finite
+        # loss with a non-finite gradient would poison the weights, and the next batch would take the blame.
+        unscaled = self.cfg.grad_clip > 0 and not self.scaler.is_enabled()
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip) if unscaled else loss.new_zeros(())
+        self._check_finite(loss.detach(), norm)
+        if self.cfg.grad_clip > 0 and self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
@@ -174,23 +176,24 @@ class Trainer:
         self.ema.update(self.model, self.cfg.batch_size * self.world, self.step)
         self.step += 1
         self.batch_in_epoch += 1
-        for key, value in {"loss": loss.detach(), **unwrap(self.loss_fn).metrics}.items():
-            self.totals[key] = self.totals.get(key, 0.0) + float(value)
-        self.totals["_count"] = self.totals.get("_count", 0.0) + 1
+        self.record.add({"loss": loss.detach(), **unwrap(self.loss_fn).metrics})
         if not self.ranks_checked:  # once, after the first step
             check_ranks_agree(self.model, self.step)
             self.ranks_checked = True
 
+    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).float()
+        if self.world > 1:
+            dist.all_reduce(bad)  # every rank stops (or rolls back) together
+        bad_loss, bad_grad = bad.tolist()  # what rounding made of the value (nan or inf) is left out: it differs by CPU
+        if bad_loss or bad_grad:
+            ranks = f" on {int(bad_loss)} of {self.world} ranks" if self.world > 1 else ""
+            what = f"loss became non-finite{ranks}" if bad_loss else "gradient norm became non-finite"
+            raise NonFinite(f"{what} at step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1})", self.layout.last)
+
     def train_metrics(self, seconds: float, steps: int) -> dict[str, float]:
         """The train metrics since the last log (mean over its steps and, under DDP, the ranks)."""
-        count = self.totals.pop("_count", 0.0)
-        names = sorted(self.totals)
-        values = torch.tensor([self.totals[k] for k in names] + [count], dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(values)
-        self.totals = {}
-        means = {f"train/{k}": float(v) / max(float(values[-1]), 1.0) for k, v in zip(names, values)}
-        return {"epoch": self.epoch, **means, "train/lr": self.scheduler.get_last_lr()[0],
+        return {"epoch": self.epoch, **self.record.train_means(self.device, self.world), "train/lr": self.scheduler.get_last_lr()[0],
                 "train/samples_per_sec": steps * self.cfg.batch_size * self.world / max(seconds, 1e-9)}
 
     # --- maintenance -----------------------------------------------------------------
@@ -207,42 +210,14 @@ class Trainer:
     def snapshot(self, archive: bool = False) -> None:
         state = {name: obj.state_dict() for name, obj in (("model", unwrap(self.model)), ("optimizer", self.optimizer),
                  ("scheduler", self.scheduler), ("scaler", self.scaler), ("loss", self.loss_fn))} | self.ema.checkpoint_entries()
-        state |= {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "totals": self.totals,
-                  "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True), "metrics": self.last_metrics,
-                  "history": self.history}
+        state |= {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "rng": rng_state(),
+                  "config": OmegaConf.to_container(self.cfg, resolve=True), "metrics": self.last_metrics, **self.record.state()}
         save_checkpoint(state, self.layout.last)
         if archive:
             save_checkpoint(state, self.layout.archive(self.epoch))
 
-    def _start_tracking(self) -> None:
-        if not (self.cfg.trackio.enabled and self.is_main):
-            return
-        import trackio
-        from trackio.sqlite_storage import SQLiteStorage
-
-        config, system = OmegaConf.to_container(self.cfg, resolve=True), self.cfg.trackio.system_metrics
-        config["command"] = " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("launcher.py") else ""
-        trackio.init(project=self.cfg.trackio.project, name=self.cfg.run_name, config=config,
-                     resume="allow" if self.cfg.resume else "never", embed=False,  # allow: a kill may precede its first flush
-                     auto_log_gpu=None if system else False, auto_log_cpu=None if system else False)  # None: trackio detects
-        self.tracker = trackio
-        # A resumed run redoes the steps after its checkpoint: those trackio already holds
-        # are not logged twice, and rows lost in a kill before trackio's flush are logged
-        # again from the checkpoint's history: neither duplicates nor holes.
-        if self.cfg.resume:
-            self.logged = {int(row["step"]) for row in SQLiteStorage.get_logs(self.cfg.trackio.project, self.cfg.run_name)}
-        for row in (row for row in self.history if row["step"] not in self.logged):
-            trackio.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-            self.logged.add(row["step"])
-
     def log(self, metrics: dict[str, float], plot=None) -> None:
-        summary = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
-                            if k.split("/")[0] in ("train", "eval") and "/nfe" not in k)
-        print(f"epoch {self.epoch}/{self.cfg.epochs} step {self.step}  {summary}", flush=True)
-        self.history.append({"step": self.step, **metrics})
-        if self.tracker is not None and self.step not in self.logged:
-            image = {} if plot is None else {"eval/samples": self.tracker.Image(str(plot), caption=f"epoch {self.epoch}")}
-            self.tracker.log(metrics | image, step=self.step)
+        self.record.log({"step": self.step, **metrics}, f"epoch {self.epoch}/{self.cfg.epochs} step {self.step}", plot)
 
     def _on_signal(self, signum: int, frame) -> None:
         self.stop_signal = signum  # acted on at the next step boundary, where the state is whole
@@ -259,7 +234,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.overwrite and self.is_main:
             self.layout.archive_last()  # the replaced run's last.pt is kept in archive/
-        self._start_tracking()
+        if cfg.trackio.enabled and self.is_main:
+            self.record.start(cfg)  # a resumed run: the rows its checkpoint holds and trackio lacks are sent
+        if cfg.on_nonfinite == "rollback" and self.is_main and not self.layout.last.exists():
+            self.snapshot()  # the state to roll back to before the first checkpoint: the start
         if self.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             print(f"run {cfg.run_name}: {cfg.model.name} ({n_params / 1e6:.2f}M params), loss {cfg.loss.name}, "
@@ -270,7 +248,12 @@ class Trainer:
             monitor.start()
         try:
             while self.epoch < cfg.epochs and not (cfg.max_steps and self.step >= cfg.max_steps):
-                self.train_epoch(monitor)
+                try:
+                    self.train_epoch(monitor)
+                except NonFinite as failure:
+                    if cfg.on_nonfinite != "rollback":
+                        raise
+                    self.rollback(failure)
         finally:
             if self.run_lock is not None:
                 self.layout.unlock(self.run_lock)
@@ -278,21 +261,23 @@ class Trainer:
                 signal.signal(signum, handler)
             if monitor is not None:
                 monitor.stop()
-            if self.tracker is not None:
-                self.tracker.finish()
+            self.record.finish()
         return self.last_metrics
 
     def train_epoch(self, monitor: DeviceMonitor | None) -> None:
         cfg = self.cfg
         self.model.train()
-        loader = make_train_loader(cfg, self.train_set, self.epoch, self.rank, self.world, self.batch_in_epoch)
+        loader = make_train_loader(cfg, self.train_set, self.epoch, self.rank, self.world, self.batch_in_epoch,
+                                   self.record.skipped_in(self.epoch))
+        positions = loader.sampler.positions
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, disable=not self.is_main,
-                   dynamic_ncols=True, mininterval=0.5, initial=self.batch_in_epoch, total=self.steps_per_epoch)
+                   dynamic_ncols=True, mininterval=0.5, initial=self.batch_in_epoch, total=self.batch_in_epoch + len(positions))
         start, first_step = time.perf_counter(), self.step
-        for batch in bar:
+        for batch, position in zip(bar, positions):
+            self.batch_in_epoch = position  # the batch in hand (skipped ones before it counted): a failure names it
             self.train_step(batch)
             if self.is_main and self.step % 20 == 0:
-                bar.set_postfix(loss=f"{self.totals['loss'] / self.totals['_count']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{self.record.totals['loss'] / self.record.totals['_count']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             if cfg.log_every_steps and self.step % cfg.log_every_steps == 0:
                 metrics = self.train_metrics(time.perf_counter() - start, self.step - first_step)  # every rank: all-reduced
                 if self.is_main:
@@ -315,6 +300,22 @@ class Trainer:
             self._end_of_epoch(metrics | (monitor.read() if monitor is not None else {}))
         if self.world > 1:
             dist.barrier()  # the other ranks wait while rank 0 evaluates and writes the checkpoint
+
+    def rollback(self, failure: NonFinite) -> None:
+        """on_nonfinite=rollback: reload last.pt (weights, EMAs, optimizer, RNG, data position) and
+        go on without the batch that failed; every rank does the same (the failure was all-reduced)."""
+        failed, step, record, limit = [self.epoch, self.batch_in_epoch], self.step + 1, self.record, self.cfg.max_rollbacks
+        if record.rollbacks >= limit:
+            raise TrainingFailed(f"{failure}; stopped after {record.rollbacks} rollbacks (max_rollbacks={limit})")
+        self._restore(read_checkpoint(self.layout.last), rollback=True)
+        record.skipped, record.rollbacks = [*record.skipped, failed], record.rollbacks + 1
+        if self.world > 1:
+            dist.barrier()  # every rank has read last.pt before rank 0 rewrites it
+        if self.is_main:  # the skip and the count are written before they are announced: a kill after the line keeps them
+            record.log({"step": step, "epoch": failed[0], "train/rollbacks": record.rollbacks, "train/rollback_to_step": self.step})
+            self.snapshot()
+            print(f"rollback {record.rollbacks}/{limit}: {failure.event}; back to step {self.step} of {self.layout.last}, "
+                  "that batch left out from now on", flush=True)
 
     def _end_of_epoch(self, metrics: dict[str, float]) -> None:
         cfg = self.cfg

@@ -1,6 +1,6 @@
 """The groups of a composed config, checked before anything is built for real or written.
 
-``launcher.validate_config`` checks the scalar keys, then calls ``check_groups``, which
+``validate_config`` checks the scalar keys, then calls ``check_groups``, which
 holds every group to what will be built from it:
 
 - each argument of the loss (and of its time law), the model, the data set (and its
@@ -20,6 +20,8 @@ names the key and what it expects: exit status 2, before ``train.py`` claims a f
 
 import collections.abc
 import inspect
+import math
+import re
 import types
 import typing
 
@@ -28,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dataloaders.base_dataloaders import make_dataset, make_unified_flow_matching_input
+from evaluation.stored_config import is_location
 from losses.base_loss import BaseLoss, build_loss, upgrade_loss_config
 from losses.time_sampling import PAIR_SAMPLERS, TIME_SAMPLERS
 from models.base_model import BaseModel
@@ -208,9 +211,9 @@ def check_model(cfg: DictConfig) -> None:
                        "a velocity has the data's shape")
 
 
-def check_data(cfg: DictConfig) -> None:
+def check_data(cfg: DictConfig, read: bool = True) -> None:
     """The data set's arguments (and its augment pipe's) against their annotations, then
-    one sample of its held-out split against ``dataloaders.data_shape`` (in
+    (``read``) one sample of its held-out split against ``dataloaders.data_shape`` (in
     ``mode=images`` the model sees the VAE's latents instead, whose shape the encoder sets)."""
     data = cfg.dataloaders
     node = plain(data.dataset)
@@ -220,7 +223,7 @@ def check_data(cfg: DictConfig) -> None:
         augment = plain(data.augment)
         pipe = allowed_target(augment.get("_target_"), ("dataloaders.",), "augment")
         check_arguments(pipe, {k: v for k, v in augment.items() if k != "_target_"}, "dataloaders.augment")
-    if data.get("mode") == "images":
+    if data.get("mode") == "images" or not read:
         return
     dataset = make_dataset(data, "test")  # the loader's own one-line errors (a missing file, a bad array)
     if len(dataset) == 0:
@@ -232,10 +235,136 @@ def check_data(cfg: DictConfig) -> None:
                        f"set dataloaders.data_shape={sample}, or the data set's own size to give {shape}")
 
 
-def check_groups(cfg: DictConfig) -> None:
-    """Every group of a training config (the scalar keys are checked before this)."""
-    check_optimizer(cfg)
-    check_ema(cfg)
+USES = ("train", "eval", "export")  # what a config is checked for
+
+
+def check_groups(cfg: DictConfig, use: str = "train") -> None:
+    """The groups a config is used for (the scalar keys are checked before this): a run
+    builds all of them; ``eval_checkpoint`` the loss, model and data (not the optimizer
+    or the EMAs); an export also, but it reads no data (this machine may have none)."""
+    if use == "train":
+        check_optimizer(cfg)
+        check_ema(cfg)
     check_loss(cfg)
     check_model(cfg)
-    check_data(cfg)
+    check_data(cfg, read=use != "export")
+
+
+# ---------------------------------------------------------------------------------
+# The whole config
+# ---------------------------------------------------------------------------------
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's multi-line messages (e.g. the list of choices) folded onto one line."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Config search path:" in lines:  # Hydra appends its search path: noise for the user
+        lines = lines[: lines.index("Config search path:")]
+    head, rest = lines[0], lines[1:]
+    if rest and rest[0].endswith(":"):  # "Available options in 'model':" followed by the options
+        return f"{head} {rest[0]} {', '.join(rest[1:])}"
+    return " ".join(lines)
+
+
+def validate_config(cfg, use: str | None = None) -> None:
+    """Check a composed config once, before anything runs: what the user typed, and what
+    a stored run's config holds (``evaluation/stored_config.py``). ``use`` is one of
+    ``USES``; by default ``eval`` when ``eval_checkpoint`` is set, else ``train``. An
+    export may leave the data locations unset (they are the evaluating machine's)."""
+    use = use or ("eval" if cfg.eval_checkpoint else "train")
+    from models.runs import RUN_NAME_MAX
+    from train import PRECISIONS
+
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not (use == "export" and is_location(k)))
+    if missing:
+        raise RunError(f"{missing[0]} is required (the config leaves it as ???): pass {missing[0]}=VALUE")
+    name = str(cfg.run_name)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+@=-]*", name) or ".." in name:
+        raise RunError(f"run_name={name!r}: expected a plain name of letters, digits and . _ - + @ = "
+                       "(no /, no .., not empty): it names folders under output_dir")
+    if len(name) > RUN_NAME_MAX:
+        raise RunError(f"run_name={name[:20]}... has {len(name)} characters: expected at most {RUN_NAME_MAX} "
+                       "(it names files such as <run_name>_overwritten_YYYYmmdd-HHMMSS.pt, within the 255-byte limit of a file name)")
+    if not isinstance(cfg.output_dir, str) or not cfg.output_dir.strip():
+        raise RunError(f"output_dir={cfg.output_dir!r}: expected a folder (e.g. output_dir=outputs); empty would write into the current folder")
+    project = cfg.trackio.project
+    if not isinstance(project, str) or not re.fullmatch(rf"[A-Za-z0-9_-]{{1,{RUN_NAME_MAX}}}", project):
+        raise RunError(f"trackio.project={project!r}: expected a name of letters, digits, _ and - (no /, not empty, at most "
+                       f"{RUN_NAME_MAX}): trackio names its files after it and drops any other character")
+    if cfg.trackio.enabled:  # names trackio reserves (registries, its sidecar files): refused at trackio.init, after the run folder
+        from trackio.sqlite_storage import SQLiteStorage
+
+        try:
+            SQLiteStorage.validate_project_name(project)
+        except ValueError as err:
+            raise RunError(f"trackio.project={project!r}: {one_line(err)}") from None
+    for key in ("seed", "epochs", "batch_size", "num_workers", "max_steps", "warmup_steps", "log_every_steps", "max_rollbacks",
+                "eval.every_epochs", "eval.num_samples", "eval.repeats", "eval.steps", "eval.batch_size",
+                "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.archive_every_epochs"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise RunError(f"{key}={value!r}: expected an integer")
+    for key in ("resume", "overwrite", "compile", "tf32", "cudnn_benchmark", "ema.warmup", "eval.plot", "eval.raw_weights",
+                "eval.fid.enabled", "trackio.enabled", "trackio.system_metrics"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, bool):
+            raise RunError(f"{key}={value!r}: expected true or false")
+    for key in ("optimizer.lr", "min_lr_ratio", "grad_clip", "ema.decay", "ema.halflife_samples", "eval.guidance_scale"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise RunError(f"{key}={value!r}: expected a number")
+    shape = cfg.dataloaders.data_shape
+    checks = [
+        # torch seeds lie in [0, 2**64) and epoch e's data order is seeded with seed * 1_000_003 + e
+        # (+ rank, + step on a DDP resume): 2**44 * 1_000_003 leaves ~8e17 of room below 2**64.
+        (0 <= cfg.seed < 2**44, (f"seed={cfg.seed}: expected an integer in [0, 2**44) = [0, {2**44 - 1}] (torch seeds lie in "
+                                 "[0, 2**64), and epoch e's data order is seeded with seed * 1_000_003 + e)")),
+        (math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr}: expected a finite number > 0"),
+        (math.isfinite(cfg.eval.guidance_scale), f"eval.guidance_scale={cfg.eval.guidance_scale}: expected a finite number (1: no guidance)"),
+        (cfg.on_nonfinite in ("stop", "rollback"), f"on_nonfinite={cfg.on_nonfinite!r}: expected stop or rollback"),
+        (cfg.max_rollbacks >= 1, f"max_rollbacks={cfg.max_rollbacks}: expected an integer >= 1"),
+        (not (cfg.resume and cfg.overwrite), ("resume=true with overwrite=true: resume continues the run, overwrite starts it "
+                                              "over (archiving its last.pt); drop one of them")),
+        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs={cfg.epochs}: expected an integer >= 1"),
+        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: expected an integer >= 1"),
+        (cfg.precision in PRECISIONS, f"precision={cfg.precision}: expected one of {list(PRECISIONS)}"),
+        (cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: expected >= 0"),
+        (cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: expected >= 0 (0: no limit)"),
+        (cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps}: expected >= 0"),
+        (cfg.lr_schedule in ("constant", "cosine"), f"lr_schedule={cfg.lr_schedule}: expected constant or cosine"),
+        (0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio={cfg.min_lr_ratio}: expected a fraction in [0, 1]"),
+        (cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip}: expected >= 0 (0 disables)"),
+        (cfg.eval.every_epochs >= 1, f"eval.every_epochs={cfg.eval.every_epochs}: expected >= 1"),
+        (cfg.eval.num_samples >= 2, f"eval.num_samples={cfg.eval.num_samples}: expected >= 2"),
+        (cfg.eval.repeats >= 1, f"eval.repeats={cfg.eval.repeats}: expected >= 1"),
+        (cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps}: expected >= 1"),
+        (cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: expected an integer >= 1"),
+        (all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in cfg.eval.meanflow_steps),
+         f"eval.meanflow_steps={list(cfg.eval.meanflow_steps)}: expected a list of integers >= 1"),
+        (cfg.checkpoint.every_epochs >= 1, f"checkpoint.every_epochs={cfg.checkpoint.every_epochs}: expected >= 1"),
+        (cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: expected >= 0 (0: off)"),
+        (cfg.log_every_steps >= 0, f"log_every_steps={cfg.log_every_steps}: expected >= 0 (0: once per epoch)"),
+        (not (cfg.init_from and cfg.resume), f"init_from={cfg.init_from} with resume=true: a resumed run keeps its own weights; drop one of them"),
+        (cfg.checkpoint.archive_every_epochs >= 0, f"checkpoint.archive_every_epochs={cfg.checkpoint.archive_every_epochs}: expected >= 0"),
+        (cfg.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+         f"compile_mode={cfg.compile_mode}: expected default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs"),
+        (len(shape) in (1, 3) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape),
+         f"dataloaders.data_shape={list(shape)}: expected [D] or [C, H, W], integers >= 1"),
+    ]
+    fid = cfg.eval.fid
+    if fid.enabled:
+        checks += [
+            (len(cfg.dataloaders.data_shape) == 3, f"eval.fid.enabled=true but {cfg.dataloaders.name} is not image data: FID needs images"),
+            (fid.reference is not None, "FID needs a reference: set eval.fid.reference=/path/to/real/images, heldout, or a clean-fid dataset name such as cifar10"),
+            (fid.feature_extractor in ("inception", "pooled"), f"eval.fid.feature_extractor={fid.feature_extractor}: expected inception or pooled"),
+            (fid.num_samples >= 2, f"eval.fid.num_samples={fid.num_samples}: expected >= 2"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise RunError(message)
+    from solvers.runge_kutta import make_solver
+
+    make_solver(cfg.solver.name, **{k: v for k, v in cfg.solver.items() if k != "name"})  # its own one-line error, now
+    check_groups(cfg, use)

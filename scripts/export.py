@@ -25,7 +25,6 @@ after their checksum is verified. An existing export is never replaced without
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -33,10 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
 
-from models.checkpoint import EXPORT_CONFIG, EXPORT_KINDS, EXPORT_WEIGHTS, read_checkpoint, write_export
-from models.runs import RunError, find_runs
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
-SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+from config_checks import one_line, validate_config
+from evaluation.stored_config import stored_run_config
+from models.checkpoint import EXPORT_CONFIG, EXPORT_KINDS, EXPORT_WEIGHTS, read_checkpoint, stored_config, write_export
+from models.runs import RunError, find_runs
 
 
 def find_checkpoint(run: str, output_dir: Path) -> Path:
@@ -61,10 +63,13 @@ def export(run: str, output_dir: Path, out: Path | None, weights: str, force: bo
     """Write the export folder of ``run`` and return it."""
     path = find_checkpoint(run, output_dir)
     state = read_checkpoint(path)
+    # What evaluation would refuse is not exported: the stored config goes through the same
+    # building and checks as eval_checkpoint's (the data itself is the evaluating machine's).
+    source = f"checkpoint {str(path)!r}"
+    cfg = stored_run_config(stored_config(state["config"], source), [f"eval_checkpoint={path}"], source, what="export")
+    validate_config(cfg, use="export")
     if out is None:
-        run_name = str(state["config"].get("run_name", "")) if isinstance(state["config"], dict) else ""
-        if not SAFE_NAME.fullmatch(run_name) or run_name in (".", ".."):
-            raise RunError(f"checkpoint {str(path)!r} names the run {run_name!r}, which is no folder name: choose one with --out")
+        run_name = str(cfg.run_name)  # checked like a typed run name
         # An archived epoch gets its own folder beside the run's latest export.
         out = output_dir / "export" / (run_name if path.name == "last.pt" else f"{run_name}_epoch_{int(state['epoch']):04d}")
     if out.exists() and not out.is_dir():
@@ -88,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.run, args.output_dir, args.out, args.weights, args.force)
     except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
+    except (ValueError, HydraException, OmegaConfBaseException) as err:  # a constructor's or the config's own refusal
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     except OSError as err:  # an unwritable or full export folder
         print(f"error: cannot write the export: {err}", file=sys.stderr)
         return 2

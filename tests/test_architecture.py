@@ -23,6 +23,7 @@ LAYERS = {
     "train": 6,
     "scripts": 7,
     "visualizers": 7,
+    "config_checks": 7,
     "launcher": 8,
 }
 

@@ -277,3 +277,74 @@ def test_a_save_that_cannot_be_written_keeps_last_pt_and_leaves_no_temporary_fil
     assert lines[-1].startswith("error: cannot write") and "the previous last.pt is intact" in lines[-1], lines[-1]
     assert last.read_bytes() == before
     assert sorted(p.name for p in last.parent.iterdir() if p.name != ".lock") == ["last.pt"]
+
+
+# ---------------------------------------------------------------------------------
+# scripts/export.py refuses what evaluation refuses
+# ---------------------------------------------------------------------------------
+
+
+HOSTILE_KINDS = ["traversal_run_name", "absolute_run_name", "data_built_by_another_loader", "unknown_data_set",
+                 "interpolation", "bad_eval_setting", "refused_model"]
+
+
+def hostile_configs(tmp_path: Path) -> dict[str, dict]:
+    """Stored configs that evaluation refuses, each changed in one place from a good one."""
+    changes = {
+        "traversal_run_name": ("run_name", "../../../escaped"),
+        "absolute_run_name": ("run_name", "/tmp/escaped-absolute"),
+        "data_built_by_another_loader": ("dataloaders.dataset._target_", "dataloaders.cifar10.make_dataset"),
+        "unknown_data_set": ("dataloaders.name", "someone_elses"),
+        "interpolation": ("dataloaders.dataset.seed", "${oc.env:HOME}"),
+        "bad_eval_setting": ("eval.steps", -1),
+        "refused_model": ("model._target_", "os.system"),
+    }
+    configs = {}
+    for kind, (key, value) in changes.items():
+        config = tiny_state()["config"]
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+        configs[kind] = config
+    return configs
+
+
+@pytest.mark.parametrize("kind", HOSTILE_KINDS)
+def test_export_refuses_what_evaluation_refuses(tmp_path, kind):
+    state = tiny_state()
+    state["config"] = hostile_configs(tmp_path)[kind]
+    save_checkpoint(state, tmp_path / "shared.pt")
+    evaluated = launch([f"eval_checkpoint={tmp_path / 'shared.pt'}", f"output_dir={tmp_path / 'out'}", "device=cpu"],
+                       cwd=tmp_path)
+    exported = subprocess.run([sys.executable, str(Path(LAUNCHER).parent / "scripts" / "export.py"), str(tmp_path / "shared.pt"),
+                               "--output-dir", str(tmp_path / "out")], cwd=tmp_path, env=launcher_env(), capture_output=True,
+                              text=True, timeout=120)
+    for result in (evaluated, exported):
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (kind, result.stderr)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "MARKER").exists()
+    assert not Path("/tmp/escaped-absolute").exists()
+
+
+def test_export_of_a_good_run_still_works_and_leaves_data_locations_to_the_evaluator(tmp_path):
+    """A points run's file is the evaluating machine's to name: exported without it, then
+    evaluated with the path on the command line."""
+    points = tmp_path / "pts.npy"
+    np.save(points, np.random.default_rng(0).normal(size=(600, 2)).astype(np.float32))
+    out = tmp_path / "out"
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("dataloaders.")]
+    trained = launch(["run_name=pts", "dataloaders=points", f"dataloaders.dataset.path={points}", *tiny,
+                      "epochs=1", f"output_dir={out}", "eval.plot=false"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    exported = subprocess.run([sys.executable, str(Path(LAUNCHER).parent / "scripts" / "export.py"), "pts",
+                               "--output-dir", str(out)], cwd=tmp_path, env=launcher_env(), capture_output=True, text=True,
+                              timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    folder = out / "export" / "pts"
+    without = launch([f"eval_checkpoint={folder}", f"output_dir={out}", "device=cpu"], cwd=tmp_path)
+    assert without.returncode == 2 and "dataloaders.dataset.path is required" in without.stderr, without.stderr
+    evaluated = launch([f"eval_checkpoint={folder}", f"output_dir={out}", "device=cpu", f"dataloaders.dataset.path={points}"],
+                       cwd=tmp_path)
+    assert evaluated.returncode == 0 and "eval/energy_distance" in evaluated.stdout, evaluated.stderr

@@ -30,14 +30,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 matplotlib.use("Agg")  # files only: no display needed, and no GUI backend on a server
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from dataloaders.base_dataloaders import make_dataset, stack_targets  # noqa: E402
-from losses.base_loss import build_loss  # noqa: E402
-from evaluation.stored_config import stored_run_config  # noqa: E402
-from models.checkpoint import CheckpointError, read_stored_config  # noqa: E402
-from models.runs import RunLayout, find_runs  # noqa: E402
-from solvers.sampling import JumpSampler, Sampler  # noqa: E402
+from dataloaders.base_dataloaders import make_dataset, stack_targets
+from evaluation.stored_config import stored_run_config
+from losses.base_loss import build_loss
+from models.checkpoint import CheckpointError, read_stored_config
+from models.runs import RunLayout, find_runs
+from solvers.sampling import JumpSampler, Sampler
 
 DEFAULT_CKPT_ROOT = "outputs/ckpts"
 DEFAULT_VIS_ROOT = Path("outputs/vis")
@@ -123,7 +123,7 @@ def reference_data(cfg: DictConfig, n: int) -> np.ndarray | None:
     data file of a points run is gone: the picture is still worth drawing)."""
     missing = OmegaConf.missing_keys(cfg.dataloaders)
     if missing:  # a points run: its file is this machine's to name, and a checkpoint does not name it
-        print(f"note: dataloaders.{sorted(missing)[0]} is not set on this machine; drawing samples without the data behind them",
+        print(f"note: dataloaders.{min(missing)} is not set on this machine; drawing samples without the data behind them",
               file=sys.stderr)
         return None
     try:

@@ -30,13 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dataloaders.base_dataloaders import make_dataset, make_unified_flow_matching_input
-from evaluation.stored_config import is_location
 from losses.base_loss import BaseLoss, build_loss, upgrade_loss_config
 from losses.time_sampling import PAIR_SAMPLERS, TIME_SAMPLERS
 from models.base_model import BaseModel
 from models.checkpoint import MODEL_PREFIXES, allowed_target, build_model
 from models.ema import EMASet
-from models.runs import RunError
+from models.runs import RunError, is_location
 
 # What a config value can be, in words: (one, several).
 NAMES: dict[type, tuple[str, str]] = {

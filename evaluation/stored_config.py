@@ -26,13 +26,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoint import CheckpointError, check_stored_model
-from models.runs import RunError
+from models.runs import LOCATION_KEYS, RunError, is_location
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-# Keys of a data config that say where files are read from, or whether to download.
-# tests/test_hostile_files.py checks that every path-like key of configs/dataloaders/ is here.
-LOCATION_KEYS = ("root", "path", "latent_dir", "image_dir", "val_latent_dir", "val_image_dir", "download")
 # Top-level keys that are about this machine and this invocation, never the stored run's.
 THIS_MACHINE = ("device", "output_dir", "eval_checkpoint", "init_from", "resume", "overwrite", "num_workers",
                 "trackio", "compile", "compile_mode", "precision", "tf32", "cudnn_benchmark")
@@ -53,12 +50,6 @@ def compose(overrides: list[str]) -> DictConfig:
 def override_key(override: str) -> str:
     """``eval.steps`` of ``eval.steps=2`` (and of ``+eval.steps=2`` / ``~eval.steps``)."""
     return override.split("=", 1)[0].lstrip("+~")
-
-
-def is_location(key: str) -> bool:
-    """Whether a dotted key names where data is read (``dataloaders.dataset.root``, the VAE)."""
-    parts = key.split(".")
-    return parts[0] == "dataloaders" and len(parts) > 1 and (parts[-1] in LOCATION_KEYS or parts[1] == "vae")
 
 
 def check_overrides(overrides: list[str], data_name: str, what: str) -> None:

@@ -206,6 +206,18 @@ class RunLayout:
 # What a resumed run must share with its checkpoint (the state would not fit or mean the
 # same), and what is free to differ without being worth a line (where the run runs).
 FIXED_ON_RESUME = ("model", "loss", "dataloaders", "batch_size", "seed", "optimizer._target_")
+# Keys of a data config that say where files are read from, or whether to download: the
+# machine's, not the run's. A resumed run may move its data; a stored run never chooses
+# them (evaluation/stored_config.py). tests/test_hostile_files.py checks that every
+# path-like key of configs/dataloaders/ is here.
+LOCATION_KEYS = ("root", "path", "latent_dir", "image_dir", "val_latent_dir", "val_image_dir", "download")
+
+
+def is_location(key: str) -> bool:
+    """Whether a dotted key names where data is read (``dataloaders.dataset.root``, the VAE)."""
+    parts = key.split(".")
+    return parts[0] == "dataloaders" and len(parts) > 1 and (parts[-1] in LOCATION_KEYS or parts[1] == "vae")
+
 FREE_ON_RESUME = ("resume", "overwrite", "device", "output_dir", "num_workers", "eval_checkpoint", "init_from")
 
 
@@ -225,7 +237,7 @@ def resume_changes(saved: dict, current: dict) -> dict[str, tuple]:
     old, new = _flat(saved), _flat(current)
     changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     for key, (was, now) in changed.items():
-        if key.split(".")[0] in FIXED_ON_RESUME or key in FIXED_ON_RESUME:
+        if (key.split(".")[0] in FIXED_ON_RESUME or key in FIXED_ON_RESUME) and not is_location(key):
             raise RunError(f"resume=true cannot change {key} (checkpoint: {was}, now: {now}): resume with the checkpoint's "
                            "value, or start a new run (init_from=PATH starts from its weights)")
     return {k: v for k, v in changed.items() if k.split(".")[0] not in FREE_ON_RESUME and k != "command"}

@@ -20,8 +20,9 @@ import torch
 from omegaconf import OmegaConf
 
 from dataloaders import cifar10
-from evaluation.stored_config import LOCATION_KEYS, compose
+from evaluation.stored_config import compose
 from models.checkpoint import build_model, save_checkpoint, write_export
+from models.runs import LOCATION_KEYS
 from tests.conftest import LAUNCHER, TINY_OVERRIDES, compose_train, launch, launcher_env, tree_hashes
 from tests.test_checkpoint_safety import WritesMarker, tiny_state
 from tests.test_image_data import write_cifar
@@ -222,7 +223,7 @@ def test_eval_checkpoint_applies_typed_settings_and_names_the_result_by_them(sma
     assert seeded.returncode == 0 and seeded_json["settings"]["seed"] == 7
     assert seeded_json["eval/energy_distance"] != stored_json["eval/energy_distance"]  # other noise, other samples
     assert len(list(out.rglob("*.json"))) == 4  # one file per setting, side by side
-    again, again_json = evaluate(small_checkpoint, out)
+    _, again_json = evaluate(small_checkpoint, out)
     assert again_json is None and len(list(out.rglob("*.json"))) == 4  # same settings: the same file
 
 
@@ -270,7 +271,7 @@ def test_a_save_that_cannot_be_written_keeps_last_pt_and_leaves_no_temporary_fil
     before = last.read_bytes()
     # The resumed run's save is larger than the limit: as a full disk, the write fails.
     result = subprocess.run([sys.executable, str(LAUNCHER), *args, "epochs=2", "resume=true"], cwd=tmp_path,
-                            env=launcher_env(tmp_path / "trackio"), capture_output=True, text=True, timeout=300,
+                            env=launcher_env(tmp_path / "trackio"), capture_output=True, text=True, timeout=300, check=False,
                             preexec_fn=limit_file_size(len(before) // 2))
     lines = result.stderr.replace("\r", "\n").strip().splitlines()
     assert result.returncode == 1, result.stderr
@@ -319,7 +320,7 @@ def test_export_refuses_what_evaluation_refuses(tmp_path, kind):
     evaluated = launch([f"eval_checkpoint={tmp_path / 'shared.pt'}", f"output_dir={tmp_path / 'out'}", "device=cpu"],
                        cwd=tmp_path)
     exported = subprocess.run([sys.executable, str(Path(LAUNCHER).parent / "scripts" / "export.py"), str(tmp_path / "shared.pt"),
-                               "--output-dir", str(tmp_path / "out")], cwd=tmp_path, env=launcher_env(), capture_output=True,
+                               "--output-dir", str(tmp_path / "out")], cwd=tmp_path, env=launcher_env(), capture_output=True, check=False,
                               text=True, timeout=120)
     for result in (evaluated, exported):
         lines = result.stderr.strip().splitlines()
@@ -339,7 +340,7 @@ def test_export_of_a_good_run_still_works_and_leaves_data_locations_to_the_evalu
                       "epochs=1", f"output_dir={out}", "eval.plot=false"], cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     exported = subprocess.run([sys.executable, str(Path(LAUNCHER).parent / "scripts" / "export.py"), "pts",
-                               "--output-dir", str(out)], cwd=tmp_path, env=launcher_env(), capture_output=True, text=True,
+                               "--output-dir", str(out)], cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, check=False,
                               timeout=120)
     assert exported.returncode == 0, exported.stderr
     folder = out / "export" / "pts"

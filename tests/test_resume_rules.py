@@ -90,3 +90,19 @@ def test_trackio_history_after_a_kill_has_no_duplicates_and_no_holes(tmp_path):
     assert steps == [64 * e for e in range(1, 9)], steps  # one row per epoch, in order, none missing
     final = read_checkpoint(out / "ckpts" / "mlp" / "h" / "last.pt")
     assert torch.isfinite(torch.tensor(final["metrics"]["eval/energy_distance"]))
+
+
+def test_a_resumed_run_may_find_its_data_elsewhere():
+    """Where the data lies is the machine's: a moved data folder is a change, not a refusal;
+    the data set itself stays fixed."""
+    from models.runs import RunError, resume_changes
+
+    saved = {"dataloaders": {"name": "cifar10", "root": "data", "dataset": {"root": "data", "download": False, "flip": True}}}
+    moved = {"dataloaders": {"name": "cifar10", "root": "/scratch/c10", "dataset": {"root": "/scratch/c10", "download": True,
+                                                                                   "flip": True}}}
+    assert resume_changes(saved, moved) == {"dataloaders.dataset.download": (False, True),
+                                            "dataloaders.dataset.root": ("data", "/scratch/c10"),
+                                            "dataloaders.root": ("data", "/scratch/c10")}
+    flipped = {"dataloaders": {**moved["dataloaders"], "dataset": {**moved["dataloaders"]["dataset"], "flip": False}}}
+    with pytest.raises(RunError, match="cannot change dataloaders.dataset.flip"):
+        resume_changes(saved, flipped)

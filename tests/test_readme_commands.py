@@ -213,6 +213,12 @@ COMMANDS, UNRUN = plan()
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for folder in ("scripts", "visualizers") for p in (REPO / folder).glob("*.py"))
 
 
+def copy_ignores(folder: str, names: list[str]) -> set[str]:
+    """What a fresh checkout lacks: the environment, results and data at the top, caches anywhere."""
+    top = {".git", ".venv", "venv", "outputs", "data", "trackio"} if Path(folder) == REPO else set()
+    return {n for n in names if n in top or n in ("__pycache__", ".pytest_cache", ".ruff_cache") or n.endswith(".egg-info")}
+
+
 def user_env(workspace: Path) -> dict[str, str]:
     """An activated environment: a ``python`` that is this interpreter first on PATH."""
     shims = workspace.parent / "bin"
@@ -233,8 +239,11 @@ def outputs(workspace: Path) -> set[str]:
 
 def execute(command: Command, workspace: Path, env: dict[str, str], cwd: Path | None = None) -> Outcome:
     before = outputs(workspace)
-    result = subprocess.run(list(command.argv), cwd=cwd or workspace / command.cwd, env=env | dict(command.env),
-                            capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    try:  # no terminal to answer a prompt; a command that never ends is a failure of its own test
+        result = subprocess.run(list(command.argv), cwd=cwd or workspace / command.cwd, env=env | dict(command.env),
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        return Outcome(-1, "", f"still running after {TIMEOUT} s (killed): shrink it, or list it in NOT_RUN")
     after = outputs(workspace)
     return Outcome(result.returncode, result.stdout, result.stderr, after - before, after)
 
@@ -245,8 +254,7 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     scripts-as-files in the other (nothing of theirs writes into the copy)."""
     root = tmp_path_factory.mktemp("readme")
     workspace = root / "repo"
-    shutil.copytree(REPO, workspace, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "venv", "outputs", "data", "trackio", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info"))
+    shutil.copytree(REPO, workspace, ignore=copy_ignores)
     for name, write in USER_FILES.items():
         write(workspace / name)
     elsewhere = root / "elsewhere"

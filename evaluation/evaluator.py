@@ -169,6 +169,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     settings = eval_settings(cfg)
     settings_digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     model, _, state = load_model_from_checkpoint(cfg.eval_checkpoint, device, use_ema=weights != "raw")
+    if Path(cfg.eval_checkpoint).expanduser().is_dir() and weights != state["weights"]:  # an export: one set of weights
+        raise RunError(f"eval.weights={weights}: {cfg.eval_checkpoint} is an export of the {state['weights']} weights only: "
+                       f"drop eval.weights, or export the {weights} weights (scripts/export.py --weights)")
     if weights not in ("ema", "raw"):
         kept = state.get("emas", {})
         key = f"{float(weights):g}" if weights.replace(".", "", 1).isdigit() else weights

@@ -153,5 +153,8 @@ def eval_checkpoint_config(overrides: list[str]) -> DictConfig:
     from models.checkpoint import read_stored_config
 
     paths = [o.partition("=")[2] for o in overrides if override_key(o) == "eval_checkpoint"]
-    stored, source = read_stored_config(paths[-1])
-    return stored_run_config(stored, overrides, source)
+    stored, source, held = read_stored_config(paths[-1])
+    cfg = stored_run_config(stored, overrides, source)
+    if held is not None and not any(override_key(o) == "eval.weights" for o in overrides):
+        cfg.eval.weights = held  # an export folder holds one set of weights: evaluate (and name) those
+    return cfg

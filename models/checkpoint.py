@@ -499,14 +499,15 @@ def load_model_from_export(folder: str | Path, device: str | torch.device = "cpu
     return model.to(device).eval(), OmegaConf.create(config), info
 
 
-def read_stored_config(path: str | Path) -> tuple[dict, str]:
-    """The checked plain config stored in a checkpoint file or an export folder, and the
-    words that name it in messages."""
+def read_stored_config(path: str | Path) -> tuple[dict, str, str | None]:
+    """The checked plain config stored in a checkpoint file or an export folder, the
+    words that name it in messages, and for an export the weights it holds (else None)."""
     path = Path(path).expanduser()
     if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
-        return read_export(path)[0], f"export folder {str(path)!r}"
+        config, _, info = read_export(path)
+        return config, f"export folder {str(path)!r}", info["weights"]
     source = f"checkpoint {str(path)!r}"
-    return stored_config(read_checkpoint(path)["config"], source), source
+    return stored_config(read_checkpoint(path)["config"], source), source, None
 
 
 def build_vae(data_cfg: DictConfig | dict, device: torch.device) -> nn.Module | None:

@@ -56,7 +56,7 @@ PLACEHOLDER = re.compile(r"(?<![\w.])(RUN_NAME|NAME|RUN|X)(?![\w.])")
 PLACEHOLDER_RUN = "demo"
 
 # A command whose input another command writes, where the docs list them the other way round.
-RUN_AFTER = {"eval_checkpoint=outputs/export/demo": "scripts/export.py demo"}
+RUN_AFTER: dict[str, str] = {}
 
 # Commands that end in a one-line refusal in this workspace, with the line's start.
 REFUSED = {"python scripts/trackio_delete.py 'tune_.*' --dry-run": (2, "error: no run in project 'denoising-zoo' matches")}
@@ -315,10 +315,7 @@ def test_doc_command(command: Command, outcomes: dict[str, Outcome]) -> None:
         assert {f"export/{run}/model.safetensors", f"export/{run}/config.yaml"} <= outcome.created, sorted(outcome.created)
 
 
-@pytest.mark.parametrize("script", [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="as a file it cannot import the project: it lacks the "
-                                            "repo-root path line the other scripts have"))
-    if s == "visualizers/common.py" else s for s in SCRIPTS])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_script_runs_as_a_file_from_another_folder(script: str, outcomes: dict[str, Outcome]) -> None:
     """``python /path/to/repo/scripts/X.py --help`` from outside the repository: the
     script's own folder, not the repo root, is what Python puts on sys.path."""

@@ -22,6 +22,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
+
 import imageio.v2 as imageio
 import imageio_ffmpeg
 import matplotlib
@@ -106,7 +110,7 @@ def find_run(ckpt_root: str | Path, run_name: str | None) -> RunInfo:
             raise VisError(f"no run {run_name!r} under {str(root)!r} (runs there: {names})")
         run = matches[0]
     # The stored config describes the model; where data is read comes from this machine's configs.
-    stored, source = read_stored_config(run.last)
+    stored, source, _ = read_stored_config(run.last)
     return RunInfo(layout=run, cfg=stored_run_config(stored, [], source, what="a visualizer"))
 
 

@@ -10,6 +10,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,3 +155,61 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     result = launch(["run_name=straight", *overrides, "epochs=4", f"output_dir={output_dir}"], cwd=root, trackio_dir=store)
     assert result.returncode == 0, result.stderr[-3000:]
     return TrainedRun(output_dir, store, "straight", overrides, result.stdout)
+
+
+# python -c GATED PAUSE_AT LAUNCHER ARGS...: the launcher, as `python launcher.py ARGS`,
+# with Trainer.train_step wrapped to pause after optimizer step PAUSE_AT.
+GATED = """
+import runpy, sys
+from pathlib import Path
+pause_at, launcher = int(sys.argv[1]), sys.argv[2]
+sys.argv = sys.argv[2:]
+sys.path.insert(0, str(Path(launcher).parent))
+import train
+
+step = train.Trainer.train_step
+
+def gated_step(self, batch):
+    step(self, batch)
+    if self.step == pause_at:
+        print(f"paused at step {self.step}", flush=True)
+        sys.stdin.readline()  # the test kills or signals the run here, then lets it go on
+
+train.Trainer.train_step = gated_step
+runpy.run_path(launcher, run_name="__main__")
+"""
+HANG_GUARD_S = 300  # kills a run that never reaches its pause (the test then fails, it does not hang)
+
+
+class PausedLaunch:
+    """``python launcher.py ARGS`` that stops after optimizer step ``pause_at`` until
+    released: a test kills or signals a run at a step it names, never at whatever moment
+    a timer lands on."""
+
+    def __init__(self, args: list[str], pause_at: int, cwd: Path, stderr_path: Path, trackio_dir: Path | None = None) -> None:
+        self.pause_at, self.stderr_path = pause_at, stderr_path
+        with self.stderr_path.open("w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", GATED, str(pause_at), str(LAUNCHER), *args],
+                cwd=cwd, env=launcher_env(trackio_dir if trackio_dir is not None else cwd / ".trackio-unused"),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.guard = threading.Timer(HANG_GUARD_S, self.proc.kill)
+        self.guard.daemon = True
+        self.guard.start()
+        while (line := self.proc.stdout.readline()) != f"paused at step {pause_at}\n":
+            assert line, f"the run ended before step {pause_at}: {self.stderr()[-2000:]}"
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def release(self) -> None:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.close()
+
+    def finish(self) -> int:
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.stdout.read()  # the rest of its log, so it never waits on a full pipe
+        self.proc.wait()
+        self.guard.cancel()
+        return self.proc.returncode

@@ -8,7 +8,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -221,9 +220,10 @@ def test_killed_writer_leaves_a_loadable_checkpoint(tmp_path):
     """SIGKILL a process that rewrites a 16 MB checkpoint in a loop, mid-write."""
     last = tmp_path / "last.pt"
     proc = subprocess.Popen([sys.executable, "-c", KEEP_SAVING, str(last), str(REPO)], stdout=subprocess.PIPE, text=True)
-    for _ in range(3):  # let it finish a few saves, then kill it during the next ones
+    for _ in range(3):  # let it finish a few saves, then kill it while the next one is being written
         assert proc.stdout.readline(), "the writer died"
-    time.sleep(0.05)
+    while not (tmp_path / ".last.pt.tmp").exists():  # a save is under way (it writes 16 MB before the rename)
+        assert proc.poll() is None, "the writer died"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = read_checkpoint(last)

@@ -8,16 +8,13 @@ kills or signals them at that step, not at whatever moment a timer lands on.
 """
 
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.checkpoint import read_checkpoint
-from tests.conftest import LAUNCHER, TINY_OVERRIDES, launch, launcher_env
+from tests.conftest import TINY_OVERRIDES, PausedLaunch, launch
 
 # 4096 samples / 64 = 64 steps per epoch, a step checkpoint every 5 steps (never at an
 # epoch boundary before step 320), evaluation only at the end.
@@ -25,65 +22,15 @@ OVERRIDES = [*TINY_OVERRIDES, "dataloaders.dataset.num_samples=4096", "epochs=2"
              "eval.every_epochs=100", "checkpoint.archive_every_epochs=0"]
 STEPS = 128
 
-# python -c GATED PAUSE_AT LAUNCHER ARGS...: the launcher, as `python launcher.py ARGS`,
-# with Trainer.train_step wrapped to pause after optimizer step PAUSE_AT.
-GATED = """
-import runpy, sys
-from pathlib import Path
-pause_at, launcher = int(sys.argv[1]), sys.argv[2]
-sys.argv = sys.argv[2:]
-sys.path.insert(0, str(Path(launcher).parent))
-import train
-
-step = train.Trainer.train_step
-
-def gated_step(self, batch):
-    step(self, batch)
-    if self.step == pause_at:
-        print(f"paused at step {self.step}", flush=True)
-        sys.stdin.readline()  # the test kills or signals the run here, then lets it go on
-
-train.Trainer.train_step = gated_step
-runpy.run_path(launcher, run_name="__main__")
-"""
-HANG_GUARD_S = 300  # kills a run that never reaches its pause (the test then fails, it does not hang)
-
 
 def last_pt(out: Path, run: str) -> Path:
     return out / "ckpts" / "mlp" / run / "last.pt"
 
 
-class PausedRun:
+def paused_run(out: Path, run: str, pause_at: int, *extra: str) -> PausedLaunch:
     """A launcher run of OVERRIDES that stops after step ``pause_at`` until released."""
-
-    def __init__(self, out: Path, run: str, pause_at: int, *extra: str) -> None:
-        self.pause_at, self.stderr_path = pause_at, out.parent / f"{run}.stderr"
-        with self.stderr_path.open("w") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", GATED, str(pause_at), str(LAUNCHER), *OVERRIDES, f"run_name={run}",
-                 f"output_dir={out}", *extra],
-                cwd=out.parent, env=launcher_env(out.parent / ".trackio-unused"),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        self.guard = threading.Timer(HANG_GUARD_S, self.proc.kill)
-        self.guard.daemon = True
-        self.guard.start()
-        while (line := self.proc.stdout.readline()) != f"paused at step {pause_at}\n":
-            assert line, f"the run ended before step {pause_at}: {self.stderr()[-2000:]}"
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def release(self) -> None:
-        self.proc.stdin.write("\n")
-        self.proc.stdin.close()
-
-    def finish(self) -> int:
-        if not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        self.proc.stdout.read()  # the rest of its log, so it never waits on a full pipe
-        self.proc.wait()
-        self.guard.cancel()
-        return self.proc.returncode
+    return PausedLaunch([*OVERRIDES, f"run_name={run}", f"output_dir={out}", *extra], pause_at, cwd=out.parent,
+                        stderr_path=out.parent / f"{run}.stderr")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +52,7 @@ def assert_same_run(resumed: dict, straight: dict) -> None:
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, straight):
     out = tmp_path / "out"
-    run = PausedRun(out, "k", pause_at=12)
+    run = paused_run(out, "k", pause_at=12)
     run.proc.kill()  # SIGKILL at step 12: no handler runs, the step checkpoint of step 10 is what survives
     run.finish()
     state = read_checkpoint(last_pt(out, "k"))
@@ -120,7 +67,7 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, straight):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_writes_a_checkpoint_then_resume_is_bit_identical(tmp_path, straight, signum):
     out = tmp_path / "out"
-    run = PausedRun(out, "p", 37, "checkpoint.every_steps=1000")  # no step checkpoints: only the signal writes one
+    run = paused_run(out, "p", 37, "checkpoint.every_steps=1000")  # no step checkpoints: only the signal writes one
     run.proc.send_signal(signum)  # handled while the run waits; acted on at the next step boundary
     run.release()
     assert run.finish() == 128 + signum, run.stderr()[-2000:]
@@ -138,7 +85,7 @@ def test_a_second_launch_of_a_running_run_is_refused(tmp_path):
     """Two launches of one run_name (resume=true, or overwrite=true, would let the second
     one past the existing-checkpoint check): the one that trains holds the run folder."""
     out = tmp_path / "out"
-    run = PausedRun(out, "busy", pause_at=7)  # holds its lock, paused after the step checkpoint of step 5
+    run = paused_run(out, "busy", pause_at=7)  # holds its lock, paused after the step checkpoint of step 5
     written = last_pt(out, "busy").read_bytes()
     for extra in (["resume=true"], ["overwrite=true"]):
         second = launch([*OVERRIDES, "run_name=busy", f"output_dir={out}", *extra], cwd=tmp_path)

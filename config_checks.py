@@ -26,7 +26,7 @@ import types
 import typing
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from dataloaders.base_dataloaders import make_dataset, make_unified_flow_matching_input
@@ -235,6 +235,10 @@ def check_data(cfg: DictConfig, read: bool = True) -> None:
 
 
 USES = ("train", "eval", "export")  # what a config is checked for
+# The nodes every config has, and what they are (a stored or typed config may say otherwise).
+STRUCTURE = {key: DictConfig for key in ("model", "loss", "solver", "optimizer", "ema", "eval", "eval.fid", "checkpoint",
+                                         "trackio", "dataloaders", "dataloaders.dataset")} | {
+    key: ListConfig for key in ("dataloaders.data_shape", "eval.meanflow_steps", "ema.decays")}
 
 
 def check_groups(cfg: DictConfig, use: str = "train") -> None:
@@ -279,6 +283,11 @@ def validate_config(cfg, use: str | None = None) -> None:
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not (use == "export" and is_location(k)))
     if missing:
         raise RunError(f"{missing[0]} is required (the config leaves it as ???): pass {missing[0]}=VALUE")
+    for key, kind in STRUCTURE.items():  # before any key below is read as one
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, kind):
+            what = "a mapping of keys" if kind is DictConfig else "a list, e.g. [1, 2]"
+            raise RunError(f"{key}={str(value)[:60]}: expected {what}")
     name = str(cfg.run_name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+@=-]*", name) or ".." in name:
         raise RunError(f"run_name={name!r}: expected a plain name of letters, digits and . _ - + @ = "

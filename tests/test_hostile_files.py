@@ -19,13 +19,31 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import launcher
 from dataloaders import cifar10
 from evaluation.stored_config import compose
 from models.checkpoint import build_model, save_checkpoint, write_export
 from models.runs import LOCATION_KEYS
+from scripts.export import main as export_main
 from tests.conftest import LAUNCHER, TINY_OVERRIDES, compose_train, launch, launcher_env, tree_hashes
 from tests.test_checkpoint_safety import WritesMarker, tiny_state
 from tests.test_image_data import write_cifar
+
+
+@pytest.fixture
+def run(capsys, monkeypatch):
+    """``python launcher.py ARGV`` (or ``python scripts/export.py ARGV`` with ``export=True``)
+    in this process, from folder ``cwd``: the same code a user's command runs, without
+    a new interpreter for each of the many refusals below."""
+
+    def call(argv: list[str], cwd: Path, export: bool = False) -> subprocess.CompletedProcess[str]:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = export_main([str(a) for a in argv]) if export else launcher.main([*argv, "trackio.enabled=false"])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+    return call
 
 
 def malicious_cifar(root: Path, marker: Path) -> Path:
@@ -124,9 +142,9 @@ def shared(tmp_path):
     return path
 
 
-def test_the_checkpoint_cannot_choose_the_data_folder(tmp_path, shared):
+def test_the_checkpoint_cannot_choose_the_data_folder(tmp_path, shared, run):
     before = tree_hashes(tmp_path / "evil")
-    result = launch([f"eval_checkpoint={shared}", f"output_dir={tmp_path / 'out'}", "device=cpu"], cwd=tmp_path / "user")
+    result = run([f"eval_checkpoint={shared}", f"output_dir={tmp_path / 'out'}", "device=cpu"], tmp_path / "user")
     lines = result.stderr.strip().splitlines()
     # This machine's configs/dataloaders/cifar10.yaml reads ./data and does not download.
     assert result.returncode == 2 and len(lines) == 1, result.stderr
@@ -135,57 +153,56 @@ def test_the_checkpoint_cannot_choose_the_data_folder(tmp_path, shared):
     assert tree_hashes(tmp_path / "evil") == before  # no download into it
 
 
-def test_a_data_folder_the_user_names_still_cannot_run_code(tmp_path, shared):
-    result = launch([f"eval_checkpoint={shared}", f"output_dir={tmp_path / 'out'}", "device=cpu",
-                     f"dataloaders.root={tmp_path / 'evil'}"], cwd=tmp_path / "user")
+def test_a_data_folder_the_user_names_still_cannot_run_code(tmp_path, shared, run):
+    result = run([f"eval_checkpoint={shared}", f"output_dir={tmp_path / 'out'}", "device=cpu",
+                     f"dataloaders.root={tmp_path / 'evil'}"], tmp_path / "user")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "exec, and a CIFAR-10 batch holds only" in lines[0], result.stderr
     assert not (tmp_path / "MARKER").exists() and not (tmp_path / "out").exists()
 
 
-def test_the_checkpoint_is_evaluated_on_this_machines_data(tmp_path, shared):
+def test_the_checkpoint_is_evaluated_on_this_machines_data(tmp_path, shared, run):
     write_cifar(tmp_path / "user" / "data", per_batch=10)
-    result = launch([f"eval_checkpoint={shared}", f"output_dir={tmp_path / 'out'}", "device=cpu"], cwd=tmp_path / "user")
+    result = run([f"eval_checkpoint={shared}", f"output_dir={tmp_path / 'out'}", "device=cpu"], tmp_path / "user")
     assert result.returncode == 0, result.stderr
     (written,) = (tmp_path / "out" / "eval" / "shared").glob("*.json")
     assert json.loads(written.read_text())["eval/nfe"] == 2.0  # the stored evaluation settings
     assert not (tmp_path / "MARKER").exists()
 
 
-def test_a_malicious_export_folder_is_refused_the_same_way(tmp_path):
+def test_a_malicious_export_folder_is_refused_the_same_way(tmp_path, run):
     """An export whose config.yaml and checksum were both written by the attacker."""
     evil = malicious_cifar(tmp_path / "evil", tmp_path / "MARKER")
     write_export(cnn_cifar_state(evil), tmp_path / "export")
     (tmp_path / "user").mkdir()
-    result = launch([f"eval_checkpoint={tmp_path / 'export'}", f"output_dir={tmp_path / 'out'}", "device=cpu"],
-                    cwd=tmp_path / "user")
+    result = run([f"eval_checkpoint={tmp_path / 'export'}", f"output_dir={tmp_path / 'out'}", "device=cpu"], tmp_path / "user")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "CIFAR-10 not found" in lines[0], result.stderr
     assert not (tmp_path / "MARKER").exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("run_name", ["../../../escaped", "/tmp/escaped-absolute", "a/b", ".."])
-def test_a_stored_run_name_cannot_name_a_folder(tmp_path, run_name):
+def test_a_stored_run_name_cannot_name_a_folder(tmp_path, run_name, run):
     state = tiny_state()
     state["config"]["run_name"] = run_name
     save_checkpoint(state, tmp_path / "shared.pt")
     out = tmp_path / "deep" / "er" / "out"
-    result = launch([f"eval_checkpoint={tmp_path / 'shared.pt'}", f"output_dir={out}", "device=cpu"], cwd=tmp_path)
+    result = run([f"eval_checkpoint={tmp_path / 'shared.pt'}", f"output_dir={out}", "device=cpu"], tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "run_name=" in lines[0], result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.pt"]
     assert not Path("/tmp/escaped-absolute").exists()
 
 
-def test_a_stored_data_set_this_machine_does_not_build_so_is_refused(tmp_path):
+def test_a_stored_data_set_this_machine_does_not_build_so_is_refused(tmp_path, run):
     state = tiny_state()
     state["config"]["dataloaders"]["dataset"]["_target_"] = "dataloaders.cifar10.make_dataset"  # kmeans by name
     save_checkpoint(state, tmp_path / "a.pt")
-    result = launch([f"eval_checkpoint={tmp_path / 'a.pt'}", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    result = run([f"eval_checkpoint={tmp_path / 'a.pt'}", f"output_dir={tmp_path / 'out'}"], tmp_path)
     assert result.returncode == 2 and "dataloaders.cifar10.make_dataset" in result.stderr and "kmeans" in result.stderr
     state["config"]["dataloaders"]["name"] = "mine"
     save_checkpoint(state, tmp_path / "b.pt")
-    result = launch([f"eval_checkpoint={tmp_path / 'b.pt'}", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    result = run([f"eval_checkpoint={tmp_path / 'b.pt'}", f"output_dir={tmp_path / 'out'}"], tmp_path)
     assert result.returncode == 2 and "'mine' is not one of this machine's configs/dataloaders" in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -204,26 +221,26 @@ def small_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def evaluate(path: Path, out: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+def evaluate(run, path: Path, out: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict | None]:
     before = set(out.rglob("*.json")) if out.exists() else set()
-    result = launch([f"eval_checkpoint={path}", f"output_dir={out}", "device=cpu", *overrides], cwd=path.parent)
+    result = run([f"eval_checkpoint={path}", f"output_dir={out}", "device=cpu", *overrides], path.parent)
     new = sorted(set(out.rglob("*.json")) - before) if out.exists() else []
     return result, json.loads(new[0].read_text()) if len(new) == 1 else None
 
 
-def test_eval_checkpoint_applies_typed_settings_and_names_the_result_by_them(small_checkpoint, tmp_path):
+def test_eval_checkpoint_applies_typed_settings_and_names_the_result_by_them(small_checkpoint, tmp_path, run):
     out = tmp_path / "out"
-    stored, stored_json = evaluate(small_checkpoint, out)
+    stored, stored_json = evaluate(run, small_checkpoint, out)
     assert stored.returncode == 0 and stored_json["eval/nfe"] == 10.0 and stored_json["settings"]["seed"] == 0
-    two, two_json = evaluate(small_checkpoint, out, "eval.steps=2")
+    two, two_json = evaluate(run, small_checkpoint, out, "eval.steps=2")
     assert two.returncode == 0 and two_json["eval/nfe"] == 2.0, two.stderr
-    heun, heun_json = evaluate(small_checkpoint, out, "solver=heun", "eval.steps=3")
+    heun, heun_json = evaluate(run, small_checkpoint, out, "solver=heun", "eval.steps=3")
     assert heun.returncode == 0 and heun_json["eval/nfe"] == 6.0 and heun_json["settings"]["solver"]["name"] == "heun"
-    seeded, seeded_json = evaluate(small_checkpoint, out, "seed=7")
+    seeded, seeded_json = evaluate(run, small_checkpoint, out, "seed=7")
     assert seeded.returncode == 0 and seeded_json["settings"]["seed"] == 7
     assert seeded_json["eval/energy_distance"] != stored_json["eval/energy_distance"]  # other noise, other samples
     assert len(list(out.rglob("*.json"))) == 4  # one file per setting, side by side
-    _, again_json = evaluate(small_checkpoint, out)
+    _, again_json = evaluate(run, small_checkpoint, out)
     assert again_json is None and len(list(out.rglob("*.json"))) == 4  # same settings: the same file
 
 
@@ -234,16 +251,16 @@ def test_eval_checkpoint_applies_typed_settings_and_names_the_result_by_them(sma
     ("eval.steps=abc", "eval.steps"),
     ("eval.steps=0", "eval.steps"),
 ])
-def test_eval_checkpoint_refuses_what_would_change_the_run(small_checkpoint, tmp_path, override, needle):
-    result, _ = evaluate(small_checkpoint, tmp_path / "out", override)
+def test_eval_checkpoint_refuses_what_would_change_the_run(small_checkpoint, tmp_path, override, needle, run):
+    result, _ = evaluate(run, small_checkpoint, tmp_path / "out", override)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_into_an_unwritable_folder_stops_before_sampling(small_checkpoint, tmp_path):
+def test_eval_into_an_unwritable_folder_stops_before_sampling(small_checkpoint, tmp_path, run):
     (tmp_path / "a-file").write_text("")
-    result, _ = evaluate(small_checkpoint, tmp_path / "a-file" / "out")
+    result, _ = evaluate(run, small_checkpoint, tmp_path / "a-file" / "out")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "cannot write" in lines[0], result.stderr
     assert "energy_distance" not in result.stdout
@@ -313,15 +330,12 @@ def hostile_configs(tmp_path: Path) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("kind", HOSTILE_KINDS)
-def test_export_refuses_what_evaluation_refuses(tmp_path, kind):
+def test_export_refuses_what_evaluation_refuses(tmp_path, kind, run):
     state = tiny_state()
     state["config"] = hostile_configs(tmp_path)[kind]
     save_checkpoint(state, tmp_path / "shared.pt")
-    evaluated = launch([f"eval_checkpoint={tmp_path / 'shared.pt'}", f"output_dir={tmp_path / 'out'}", "device=cpu"],
-                       cwd=tmp_path)
-    exported = subprocess.run([sys.executable, str(Path(LAUNCHER).parent / "scripts" / "export.py"), str(tmp_path / "shared.pt"),
-                               "--output-dir", str(tmp_path / "out")], cwd=tmp_path, env=launcher_env(), capture_output=True, check=False,
-                              text=True, timeout=120)
+    evaluated = run([f"eval_checkpoint={tmp_path / 'shared.pt'}", f"output_dir={tmp_path / 'out'}", "device=cpu"], tmp_path)
+    exported = run([tmp_path / "shared.pt", "--output-dir", tmp_path / "out"], tmp_path, export=True)
     for result in (evaluated, exported):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (kind, result.stderr)

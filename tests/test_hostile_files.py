@@ -363,3 +363,19 @@ def test_export_of_a_good_run_still_works_and_leaves_data_locations_to_the_evalu
     evaluated = launch([f"eval_checkpoint={folder}", f"output_dir={out}", "device=cpu", f"dataloaders.dataset.path={points}"],
                        cwd=tmp_path)
     assert evaluated.returncode == 0 and "eval/energy_distance" in evaluated.stdout, evaluated.stderr
+
+
+@pytest.mark.parametrize("key,value", [("solver", "x"), ("solver", None), ("loss", [1, 2]), ("dataloaders.data_shape", 7),
+                                       ("eval.meanflow_steps", 7), ("ema.decays", True), ("eval.fid", 1e300)])
+def test_a_stored_node_of_the_wrong_kind_is_one_line(tmp_path, run, key, value):
+    state = tiny_state()
+    node = state["config"]
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    save_checkpoint(state, tmp_path / "odd.pt")
+    result = run([f"eval_checkpoint={tmp_path / 'odd.pt'}", f"output_dir={tmp_path / 'out'}", "device=cpu"], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and key in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()

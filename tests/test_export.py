@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import launcher
 from evaluation.sample import load_checkpoint_model
 from models.checkpoint import (
     CheckpointError,
@@ -170,15 +171,13 @@ def test_export_script_and_eval_checkpoint_on_the_folder(run, tmp_path):
     assert "energy_distance" in evaluated.stdout
 
 
-@pytest.mark.slow
-def test_eval_of_an_export_evaluates_and_names_the_weights_it_holds(run, tmp_path):
-    script = [sys.executable, str(REPO / "scripts" / "export.py"), "test", "--output-dir", str(run.output_dir),
-              "--weights", "raw", "--out", str(tmp_path / "raw")]
-    assert subprocess.run(script, check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120).returncode == 0
+def test_eval_of_an_export_evaluates_and_names_the_weights_it_holds(run, tmp_path, capsys, monkeypatch):
+    assert export(capsys, "test", "--output-dir", run.output_dir, "--weights", "raw", "--out", tmp_path / "raw")[0] == 0
+    monkeypatch.chdir(tmp_path)
     args = [f"eval_checkpoint={tmp_path / 'raw'}", f"output_dir={tmp_path / 'out'}", "device=cpu", "eval.num_samples=100"]
-    evaluated = launch(args, cwd=tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr
+    assert launcher.main(args) == 0
+    out = capsys.readouterr().out
     (written,) = (tmp_path / "out" / "eval" / "test").glob("*.json")
-    assert written.name.startswith("epoch_0003_raw_") and "weights: raw" in evaluated.stdout
-    refused = launch([*args, "eval.weights=ema"], cwd=tmp_path)
-    assert refused.returncode == 2 and "is an export of the raw weights only" in refused.stderr, refused.stderr
+    assert written.name.startswith("epoch_0003_raw_") and "weights: raw" in out
+    assert launcher.main([*args, "eval.weights=ema"]) == 2
+    assert "is an export of the raw weights only" in capsys.readouterr().err

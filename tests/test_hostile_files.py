@@ -343,25 +343,23 @@ def test_export_refuses_what_evaluation_refuses(tmp_path, kind, run):
     assert not Path("/tmp/escaped-absolute").exists()
 
 
-def test_export_of_a_good_run_still_works_and_leaves_data_locations_to_the_evaluator(tmp_path):
+def test_export_of_a_good_run_still_works_and_leaves_data_locations_to_the_evaluator(tmp_path, run):
     """A points run's file is the evaluating machine's to name: exported without it, then
     evaluated with the path on the command line."""
     points = tmp_path / "pts.npy"
     np.save(points, np.random.default_rng(0).normal(size=(600, 2)).astype(np.float32))
     out = tmp_path / "out"
     tiny = [o for o in TINY_OVERRIDES if not o.startswith("dataloaders.")]
-    trained = launch(["run_name=pts", "dataloaders=points", f"dataloaders.dataset.path={points}", *tiny,
-                      "epochs=1", f"output_dir={out}", "eval.plot=false"], cwd=tmp_path)
+    trained = run(["run_name=pts", "dataloaders=points", f"dataloaders.dataset.path={points}", *tiny,
+                   "epochs=1", f"output_dir={out}", "eval.plot=false"], tmp_path)
     assert trained.returncode == 0, trained.stderr
-    exported = subprocess.run([sys.executable, str(Path(LAUNCHER).parent / "scripts" / "export.py"), "pts",
-                               "--output-dir", str(out)], cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, check=False,
-                              timeout=120)
+    exported = run(["pts", "--output-dir", out], tmp_path, export=True)
     assert exported.returncode == 0, exported.stderr
     folder = out / "export" / "pts"
-    without = launch([f"eval_checkpoint={folder}", f"output_dir={out}", "device=cpu"], cwd=tmp_path)
+    without = run([f"eval_checkpoint={folder}", f"output_dir={out}", "device=cpu"], tmp_path)
     assert without.returncode == 2 and "dataloaders.dataset.path is required" in without.stderr, without.stderr
-    evaluated = launch([f"eval_checkpoint={folder}", f"output_dir={out}", "device=cpu", f"dataloaders.dataset.path={points}"],
-                       cwd=tmp_path)
+    evaluated = run([f"eval_checkpoint={folder}", f"output_dir={out}", "device=cpu", f"dataloaders.dataset.path={points}"],
+                    tmp_path)
     assert evaluated.returncode == 0 and "eval/energy_distance" in evaluated.stdout, evaluated.stderr
 
 

@@ -8,10 +8,11 @@ choosing. So ``eval_checkpoint``, ``scripts/export.py`` and the visualizers use
 
     this machine's ``configs/train.yaml``, composed with the run's data set (and model
     and loss, where this machine has those configs) and the command line's overrides,
-    overlaid by the stored config everywhere except
-      - where files are: the data locations and ``download`` (``LOCATION_KEYS``, at any
-        depth of ``dataloaders``), the VAE (``dataloaders.vae``), a FID reference other
-        than ``heldout``, and the keys of ``THIS_MACHINE`` (``output_dir``, ``device``, ...);
+    overlaid by the stored config (whose data set and VAE must be built by the classes
+    this machine's configs name) everywhere except
+      - where files are: the data locations, ``download`` and the VAE's weights
+        (``LOCATION_KEYS``, at any depth of ``dataloaders``), a FID reference other than
+        ``heldout``, and the keys of ``THIS_MACHINE`` (``output_dir``, ``device``, ...);
       - what the command line sets for this evaluation: ``eval.*``, ``solver``, ``seed``
         and ``run_name``, when typed.
 
@@ -65,8 +66,8 @@ def check_overrides(overrides: list[str], data_name: str, what: str) -> None:
         if top in THIS_MACHINE or top in TYPED_FOR_EVALUATION or is_location(key):
             continue
         raise RunError(f"{key}: {what} takes the model, loss, data set and training settings from the checkpoint; "
-                       f"the command line sets only {', '.join(TYPED_FOR_EVALUATION)}, data locations "
-                       f"(dataloaders.{'/'.join(LOCATION_KEYS[:3])}..., dataloaders.vae.*) and {', '.join(THIS_MACHINE[:2])}")
+                       f"the command line sets only {', '.join(TYPED_FOR_EVALUATION)}, data locations (dataloaders.root, "
+                       f"dataloaders.dataset.path, dataloaders.vae.pretrained, ...) and {', '.join(THIS_MACHINE[:2])}")
 
 
 def _config_choice(group: str, node: object) -> str | None:
@@ -78,20 +79,23 @@ def _config_choice(group: str, node: object) -> str | None:
 
 
 def _stored_data(stored: dict, machine: dict, source: str, where: str = "dataloaders") -> dict:
-    """The stored data config with every location replaced by this machine's (or dropped)."""
+    """The stored data config with every location replaced by this machine's (or dropped);
+    where this machine's config builds something (``_target_``), the stored one must name
+    the same class or function."""
     merged = {}
     for key, value in stored.items():
-        if key == "vae" and where == "dataloaders":
-            continue  # the VAE is a download or a local folder: this machine's
+        here = f"{where}.{key}"
         if key in LOCATION_KEYS:
             if key in machine:
                 merged[key] = machine[key]
+        elif key == "_target_" and machine.get("_target_") not in (None, value):
+            raise CheckpointError(f"{source}: its {here}={str(value)[:80]!r} is not what this machine's configs build there "
+                                  f"({machine['_target_']!r}): it cannot be evaluated here")
         elif isinstance(value, dict):
-            merged[key] = _stored_data(value, machine.get(key) if isinstance(machine.get(key), dict) else {}, source,
-                                       f"{where}.{key}")
+            merged[key] = _stored_data(value, machine.get(key) if isinstance(machine.get(key), dict) else {}, source, here)
         else:
             merged[key] = value
-    for key, value in machine.items():  # this machine's keys the stored run lacks (its locations, the VAE, new options)
+    for key, value in machine.items():  # this machine's keys the stored run lacks (its locations, new options)
         merged.setdefault(key, value)
     return merged
 
@@ -124,11 +128,6 @@ def stored_run_config(stored: dict, overrides: list[str], source: str, what: str
         composed.run_name = "stored"  # replaced by the stored name below; resolving needs a value
     OmegaConf.resolve(composed)
     machine = OmegaConf.to_container(composed)
-    stored_target = data.get("dataset", {}).get("_target_") if isinstance(data.get("dataset"), dict) else None
-    machine_target = machine["dataloaders"]["dataset"]["_target_"]
-    if stored_target != machine_target:
-        raise CheckpointError(f"{source}: its data set {data_name} is built by {str(stored_target)[:80]!r}, but this machine's "
-                              f"configs/dataloaders/{data_name}.yaml builds it with {machine_target!r}")
     config = dict(machine)
     for key, value in stored.items():
         if key in THIS_MACHINE:

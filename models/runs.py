@@ -206,17 +206,18 @@ class RunLayout:
 # What a resumed run must share with its checkpoint (the state would not fit or mean the
 # same), and what is free to differ without being worth a line (where the run runs).
 FIXED_ON_RESUME = ("model", "loss", "dataloaders", "batch_size", "seed", "optimizer._target_")
-# Keys of a data config that say where files are read from, or whether to download: the
-# machine's, not the run's. A resumed run may move its data; a stored run never chooses
-# them (evaluation/stored_config.py). tests/test_hostile_files.py checks that every
-# path-like key of configs/dataloaders/ is here.
-LOCATION_KEYS = ("root", "path", "latent_dir", "image_dir", "val_latent_dir", "val_image_dir", "download")
+# Keys of a data config (the VAE's included) that say where files are read from, or
+# whether and what to download: the machine's, not the run's. A resumed run may move its
+# data; a stored run never chooses them (evaluation/stored_config.py).
+# tests/test_hostile_files.py checks that every path-like key of configs/dataloaders/ is here.
+LOCATION_KEYS = ("root", "path", "latent_dir", "image_dir", "val_latent_dir", "val_image_dir", "download",
+                 "pretrained", "subfolder", "local_files_only")
 
 
 def is_location(key: str) -> bool:
-    """Whether a dotted key names where data is read (``dataloaders.dataset.root``, the VAE)."""
+    """Whether a dotted key names where data is read (``dataloaders.dataset.root``, ``dataloaders.vae.pretrained``)."""
     parts = key.split(".")
-    return parts[0] == "dataloaders" and len(parts) > 1 and (parts[-1] in LOCATION_KEYS or parts[1] == "vae")
+    return parts[0] == "dataloaders" and len(parts) > 1 and parts[-1] in LOCATION_KEYS
 
 FREE_ON_RESUME = ("resume", "overwrite", "device", "output_dir", "num_workers", "eval_checkpoint", "init_from")
 

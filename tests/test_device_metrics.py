@@ -78,11 +78,11 @@ def write_fake_macmon(folder: Path, lines: list[str], then: str = "exit", gated:
     script = folder / "macmon"
     script.write_text(
         f"#!{sys.executable}\n"
-        "import os, time\n"
+        "import time\nfrom pathlib import Path\n"
         f"for line in {lines!r}:\n"
         "    print(line, flush=True)\n"
         f"if {list(gated)!r}:\n"
-        f"    while not os.path.exists({str(folder / 'go')!r}):\n"
+        f"    while not Path({str(folder / 'go')!r}).exists():\n"
         "        time.sleep(0.01)\n"
         f"    for line in {list(gated)!r}:\n"
         "        print(line, flush=True)\n"

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 import launcher
 from dataloaders import cifar10
-from evaluation.stored_config import compose
-from models.checkpoint import build_model, save_checkpoint, write_export
+from evaluation.stored_config import compose, stored_run_config
+from models.checkpoint import CheckpointError, build_model, save_checkpoint, write_export
 from models.runs import LOCATION_KEYS
 from scripts.export import main as export_main
 from tests.conftest import LAUNCHER, TINY_OVERRIDES, compose_train, launch, launcher_env, tree_hashes
@@ -116,8 +116,6 @@ def test_every_location_key_of_the_data_configs_is_taken_from_this_machine():
         while stack:
             where, item = stack.pop()
             for key, value in item.items():
-                if key == "vae":
-                    continue  # taken from this machine whole
                 if isinstance(value, dict):
                     stack.append((f"{where}.{key}", value))
                 elif key not in LOCATION_KEYS and (key.endswith(("dir", "root", "path", "file")) or
@@ -199,7 +197,7 @@ def test_a_stored_data_set_this_machine_does_not_build_so_is_refused(tmp_path, r
     state["config"]["dataloaders"]["dataset"]["_target_"] = "dataloaders.cifar10.make_dataset"  # kmeans by name
     save_checkpoint(state, tmp_path / "a.pt")
     result = run([f"eval_checkpoint={tmp_path / 'a.pt'}", f"output_dir={tmp_path / 'out'}"], tmp_path)
-    assert result.returncode == 2 and "dataloaders.cifar10.make_dataset" in result.stderr and "kmeans" in result.stderr
+    assert result.returncode == 2 and "dataloaders.dataset._target_='dataloaders.cifar10.make_dataset'" in result.stderr
     state["config"]["dataloaders"]["name"] = "mine"
     save_checkpoint(state, tmp_path / "b.pt")
     result = run([f"eval_checkpoint={tmp_path / 'b.pt'}", f"output_dir={tmp_path / 'out'}"], tmp_path)
@@ -377,3 +375,21 @@ def test_a_stored_node_of_the_wrong_kind_is_one_line(tmp_path, run, key, value):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and key in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_vae_weights_are_this_machines_and_the_rest_of_the_vae_the_runs():
+    """A stored VAE cannot name a hub repository or folder to load from; its latent scale
+    (part of what the model learned) stays the run's."""
+    state = tiny_state()
+    cfg = compose(["dataloaders=imagenet", "run_name=x"])
+    OmegaConf.resolve(cfg)
+    state["config"]["dataloaders"] = OmegaConf.to_container(cfg.dataloaders)
+    vae = state["config"]["dataloaders"]["vae"]
+    vae |= {"pretrained": "someone/evil-vae", "subfolder": "x", "local_files_only": False, "scaling_factor": 0.5}
+    used = stored_run_config(state["config"], ["eval_checkpoint=x.pt"], "checkpoint 'x.pt'")
+    assert used.dataloaders.vae.pretrained == cfg.dataloaders.vae.pretrained != "someone/evil-vae"
+    assert used.dataloaders.vae.subfolder is None and used.dataloaders.vae.local_files_only is None
+    assert used.dataloaders.vae.scaling_factor == 0.5
+    vae["_target_"] = "models.dit.dit.DiT"
+    with pytest.raises(CheckpointError, match=r"dataloaders.vae._target_='models.dit.dit.DiT' is not what"):
+        stored_run_config(state["config"], ["eval_checkpoint=x.pt"], "checkpoint 'x.pt'")

@@ -3,7 +3,6 @@ their step and their metric names, so the train row and the epoch-end (evaluatio
 of an epoch's last step are two rows, and a kill between them loses neither."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -140,4 +139,4 @@ def test_a_kill_during_the_epoch_end_evaluation_loses_no_row(tmp_path):
     identities = Counter(row_key(row) for row in rows)
     assert identities == Counter(row_key(row) for row in history), "trackio must hold exactly the rows the run logged"
     assert set(identities.values()) == {1}
-    assert os.path.exists(out / "runs" / "kv" / "plots" / "epoch_0001.png")
+    assert (out / "runs" / "kv" / "plots" / "epoch_0001.png").exists()

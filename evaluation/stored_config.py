@@ -17,7 +17,7 @@ choosing. So ``eval_checkpoint``, ``scripts/export.py`` and the visualizers use
         and ``run_name``, when typed.
 
 The stored run name then goes through the same check as a typed one
-(``launcher.validate_config``), so it cannot name a folder outside ``output_dir``.
+(``config_checks.validate_config``), so it cannot name a folder outside ``output_dir``.
 """
 
 from __future__ import annotations

@@ -29,13 +29,15 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from dataloaders.base_dataloaders import make_dataset, make_unified_flow_matching_input
+from dataloaders.base_dataloaders import make_dataset
+from models.unified_input import make_unified_flow_matching_input
 from losses.base_loss import BaseLoss, build_loss, upgrade_loss_config
 from losses.time_sampling import PAIR_SAMPLERS, TIME_SAMPLERS
 from models.base_model import BaseModel
-from models.checkpoint import MODEL_PREFIXES, allowed_target, build_model
-from models.ema import EMASet
-from models.runs import RunError, is_location
+from runs.build import MODEL_PREFIXES, allowed_target, build_model
+from runs.ema import EMASet
+from runs.errors import RunError
+from runs.layout import is_location
 
 # What a config value can be, in words: (one, several).
 NAMES: dict[type, tuple[str, str]] = {
@@ -277,7 +279,7 @@ def validate_config(cfg, use: str | None = None) -> None:
     ``USES``; by default ``eval`` when ``eval_checkpoint`` is set, else ``train``. An
     export may leave the data locations unset (they are the evaluating machine's)."""
     use = use or ("eval" if cfg.eval_checkpoint else "train")
-    from models.runs import RUN_NAME_MAX
+    from runs.layout import RUN_NAME_MAX
     from train import PRECISIONS
 
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not (use == "export" and is_location(k)))

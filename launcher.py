@@ -70,7 +70,7 @@ def run_config(cfg) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     import train
-    from models.runs import RunError
+    from runs.errors import RunError
 
     try:
         validate_config(cfg)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from evaluation.stored_config import eval_checkpoint_config
-    from models.runs import RunError
+    from runs.errors import RunError
 
     try:
         if any(o.startswith("eval_checkpoint=") for o in overrides):

@@ -4,11 +4,10 @@
               └─ otherwise → Trainer(cfg).fit(): train_step (loss → backward → clip →
                  optimizer → EMA), then at boundaries log, evaluate (EMA), snapshot
 
-The loss owns its times and its samplers, ``dataloaders/`` the data, ``models/runs.py`` the
-run's files, ``evaluation/`` scores, draws and records. Exact resume: epoch e's order is fixed
-by (seed, e) and continues at the next batch; RNG states are saved with each checkpoint (every
-N steps or epochs, on SIGTERM/SIGUSR1), so a stopped and resumed run ends bit-identical on the
-CPU. A non-finite step stops the run, or (on_nonfinite=rollback) reloads last.pt without its batch.
+The loss owns its times and samplers, ``dataloaders/`` the data, ``runs/`` the run's files,
+checkpoints, device and RNG, ``evaluation/`` scores and records. Exact resume: epoch e's order is
+fixed by (seed, e) and continues at the next batch; RNG states are saved with each checkpoint, so
+a stopped and resumed run ends bit-identical on the CPU (docs/design.md, "Exact resume").
 """
 
 import math
@@ -27,15 +26,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dataloaders.base_dataloaders import make_dataset, make_train_loader
-from evaluation.device_metrics import DeviceMonitor
 from evaluation.evaluator import Evaluator, evaluate_checkpoint
 from evaluation.tracking import RunRecord
 from losses.base_loss import LossModule, build_loss
-from models.checkpoint import build_model, build_vae, read_checkpoint, save_checkpoint, unwrap
-from models.ema import EMASet
-from models.jvp import rewound_rng
-from models.runs import Preempted, RunError, RunLayout, TrainingFailed, check_ranks_agree
-from models.runs import process_group, resolve_device, resume_changes, rng_state, seed_everything, set_rng_state
+from runs.build import build_model, build_vae
+from runs.checkpoint import read_checkpoint, save_checkpoint
+from runs.device_metrics import DeviceMonitor
+from runs.ema import EMASet
+from runs.errors import Preempted, RunError, TrainingFailed
+from runs.layout import RunLayout, resume_changes
+from runs.machine import check_ranks_agree, process_group, rank_reseed, resolve_device, rewound_rng, rng_state
+from runs.machine import seed_everything, set_rng_state, unwrap
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before they take a job's machine
@@ -72,7 +73,7 @@ class Trainer:
             self.device = torch.device("cuda", local_rank)  # one GPU per process, picked by torchrun
         self.layout = RunLayout.of(cfg)
         resume_from = self.layout.start(cfg.resume, cfg.overwrite)  # refuses to clobber another run
-        resume_state = read_checkpoint(resume_from) if resume_from is not None else None
+        resume_state = read_checkpoint(resume_from, resume=True) if resume_from is not None else None
         seed_everything(cfg.seed + rank)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -126,7 +127,7 @@ class Trainer:
             print("".join(f"resume: {key} {was} -> {now}\n" for key, (was, now) in changes.items()), end="", flush=True)
         for target, key in ((self.model, "model"), (self.optimizer, "optimizer"), (self.scheduler, "scheduler"),
                             (self.scaler, "scaler"), (self.loss_fn, "loss")):
-            target.load_state_dict(state.get(key, {}) if key == "loss" else state[key])  # loss state: from losses that keep one
+            target.load_state_dict(state[key])
         self.ema.load_checkpoint(state)
         # The optimizer's state dict brought the checkpoint's hyperparameters back: apply
         # this run's (a new lr, betas, horizon), so the recorded config is what is used.
@@ -135,15 +136,14 @@ class Trainer:
         self.scheduler.base_lrs = [options["lr"]] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
             group |= options | {"initial_lr": options["lr"], "lr": options["lr"] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)}
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batch_in_epoch = int(state.get("batch_in_epoch", 0))  # checkpoints from before step checkpoints: 0
-        self.last_metrics = dict(state.get("metrics", {}))
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch, self.last_metrics = state["batch_in_epoch"], dict(state["metrics"])
         self.record.restore(state, rows_only=rollback)  # a rollback keeps the run's skips and count, newer than last.pt's
         set_rng_state(state["rng"])
         if self.world > 1:
             # Every rank loaded rank 0's RNG state; re-split the streams so the ranks
             # do not draw the same noise (DDP resume is exact in the data order only).
-            seed_everything((self.cfg.seed + self.rank) * 1_000_003 + self.step)
+            seed_everything(rank_reseed(self.cfg.seed, self.rank, self.step))
 
     def _init_from(self, path: str) -> None:
         """Start from another run's weights (model and EMA), e.g. a flow-matching run seeding MeanFlow."""
@@ -307,7 +307,7 @@ class Trainer:
         failed, step, record, limit = [self.epoch, self.batch_in_epoch], self.step + 1, self.record, self.cfg.max_rollbacks
         if record.rollbacks >= limit:
             raise TrainingFailed(f"{failure}; stopped after {record.rollbacks} rollbacks (max_rollbacks={limit})")
-        self._restore(read_checkpoint(self.layout.last), rollback=True)
+        self._restore(read_checkpoint(self.layout.last, resume=True), rollback=True)
         record.skipped, record.rollbacks = [*record.skipped, failed], record.rollbacks + 1
         if self.world > 1:
             dist.barrier()  # every rank has read last.pt before rank 0 rewrites it

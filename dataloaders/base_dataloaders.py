@@ -1,6 +1,6 @@
 """The one data interface every model and loss sees.
 
-Time runs from noise to data (DESIGN.md): ``x_0 ~ N(0, I)`` is the source, ``x_1`` a
+Time runs from noise to data (docs/design.md): ``x_0 ~ N(0, I)`` is the source, ``x_1`` a
 data sample, ``x_t = (1 - t) x_0 + t x_1`` and the velocity is ``v = x_1 - x_0``.
 
 A *target dataset* returns ``(x_1, label)`` pairs like torchvision does. The
@@ -21,39 +21,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from models.checkpoint import instantiate_allowed
-
 # the inverse of make_unified_flow_matching_input lives with the model contract; re-exported here
-from models.base_model import split_unified_input  # noqa: F401
-
-
-def make_unified_flow_matching_input(x: Tensor, s: Tensor, t: Tensor) -> Tensor:
-    """Pack the state and both times into one tensor (DESIGN.md, "unified input").
-
-    Args:
-        x: state, shape (B, D) for dense data or (B, C, H, W) for images.
-        s: start time, shape (B,) (or anything broadcastable to it).
-        t: end time, shape (B,).
-
-    Returns:
-        (B, D + 2) as ``[x, s, t]`` for dense data, or (B, C + 2, H, W) with two
-        constant channels ``s`` and ``t`` appended for images.
-    """
-    batch = x.shape[0]
-    s = torch.as_tensor(s, dtype=x.dtype, device=x.device).reshape(-1).expand(batch)
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(batch)
-    if x.dim() == 2:
-        return torch.cat([x, s[:, None], t[:, None]], dim=1)
-    if x.dim() == 4:
-        _, _, h, w = x.shape
-        times = torch.stack([s, t], dim=1)[:, :, None, None].expand(batch, 2, h, w)
-        return torch.cat([x, times], dim=1)
-    raise ValueError(f"state must be (B, D) or (B, C, H, W), got shape {tuple(x.shape)}")
-
-
-def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
-    """Reshape per-sample times (B,) so they broadcast against ``x`` (B, ...)."""
-    return t.reshape(-1, *([1] * (x.dim() - 1)))
+from models.unified_input import make_unified_flow_matching_input, straight_path
+from runs.build import instantiate_allowed
+from runs.machine import data_order_seed
 
 
 @dataclass
@@ -75,7 +46,7 @@ class BaseItem:
 
     t: the time of ``x_t``, (B,).
     input: the state ``x_t = (1 - t) x_0 + t x_1`` alone.
-    unified_input: ``[x_t, t, t]`` packed as DESIGN.md says, (B, D+2) or (B, C+2, H, W).
+    unified_input: ``[x_t, t, t]`` packed as docs/design.md says, (B, D+2) or (B, C+2, H, W).
     target: the velocity ``x_1 - x_0``, shaped like the state.
     """
 
@@ -108,8 +79,7 @@ class BaseItem:
 
 def make_base_item(x1: Tensor, x0: Tensor, t: Tensor, label: Tensor | None = None) -> BaseItem:
     """Build the straight-path training item from data ``x1``, noise ``x0`` and times ``t`` (B,)."""
-    tb = broadcast_time(t.to(x1.dtype), x1)
-    xt = (1 - tb) * x0 + tb * x1
+    xt = straight_path(x0, x1, t)
     return BaseItem(
         raw_source=x0,
         raw_target=x1,
@@ -269,7 +239,7 @@ class EpochSampler(Sampler[int]):
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
                  start_batch: int = 0, skip: Collection[int] = ()) -> None:
         self.batches = n // (batch_size * world)  # full batches per rank
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(data_order_seed(seed, epoch))
         perm = torch.randperm(n, generator=gen)[: self.batches * batch_size * world]
         self.positions = [b for b in range(start_batch, self.batches) if b not in skip]
         self.indices = perm[rank::world].reshape(self.batches, batch_size)[self.positions].flatten().tolist()
@@ -297,5 +267,5 @@ def make_train_loader(cfg, dataset: Dataset, epoch: int, rank: int = 0, world: i
         pin_memory=bool(cfg.dataloaders.get("pin_memory", False)),
         # The iterator draws its workers' base seed from this generator, not from the
         # global RNG: a loader made mid-epoch on resume must not shift the noise stream.
-        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
+        generator=torch.Generator().manual_seed(data_order_seed(cfg.seed, epoch)),
     )

@@ -24,8 +24,12 @@ from dataloaders.base_dataloaders import make_dataset, stack_targets
 from evaluation.energy_distance import energy_distance
 from evaluation.plots import save_grid, save_plot
 from losses.base_loss import BaseLoss, build_loss
-from models.checkpoint import build_vae, load_model_from_checkpoint, write_text_atomic
-from models.runs import RunError, RunLayout, resolve_device, write_error
+from runs.build import build_vae
+from runs.checkpoint import write_text_atomic
+from runs.errors import RunError
+from runs.layout import RunLayout, write_error
+from runs.machine import FID_NOISE, REFERENCE_DRAW, SAMPLE_NOISE, resolve_device
+from runs.stored import load_model_from_checkpoint
 from solvers.sampling import Sampler
 
 
@@ -44,7 +48,7 @@ def reference_sets(cfg: DictConfig, test: Dataset, reference: Dataset) -> tuple[
     n = min(cfg.eval.num_samples, len(test) // repeats, len(reference) // repeats)
     if n < 2:
         raise RunError(f"eval.repeats={repeats} leaves fewer than 2 held-out samples per block ({len(test)} in all): lower eval.repeats")
-    gen = torch.Generator().manual_seed(cfg.seed + 12345)
+    gen = torch.Generator().manual_seed(cfg.seed + REFERENCE_DRAW)
     pick_test = torch.randperm(len(test), generator=gen)[: n * repeats].tolist()
     pick_ref = torch.randperm(len(reference), generator=gen)[: n * repeats].tolist()
     return stack_targets(test, pick_test)[0].float(), stack_targets(reference, pick_ref)[0].float(), n
@@ -111,7 +115,7 @@ class Evaluator:
         from evaluation.fid import compute_fid, fid_against_images
 
         fcfg = self.cfg.eval.fid
-        x0, labels = self.noise(fcfg.num_samples, 999)
+        x0, labels = self.noise(fcfg.num_samples, FID_NOISE)
         images = self.to_images(self.generate(model, sampler, x0, labels)[0])
         if fcfg.reference == "heldout":
             return fid_against_images(images, self.to_images(self.held_out), fcfg.mode, self.fid_extractor,
@@ -126,7 +130,7 @@ class Evaluator:
         ``{prefix}/nfe[_...]``, beside ``{prefix}/energy_distance_floor``."""
         was_training = model.training
         model.eval()  # the raw weights are evaluated too: no dropout at sampling
-        x0, labels = self.noise(self.held_out.shape[0], 777)
+        x0, labels = self.noise(self.held_out.shape[0], SAMPLE_NOISE)
         metrics: dict[str, float] = {f"{prefix}/energy_distance_floor": self.floor}
         samples = {}
         for name, sampler in self.samplers.items():

@@ -5,7 +5,7 @@ draw with ``sample_flow`` (a solver on the diagonal ``u(x, t, t)``) or
 
 import torch
 
-from models.checkpoint import load_model_from_checkpoint
+from runs.stored import load_model_from_checkpoint
 from solvers.sampling import SampleResult, sample_flow, sample_meanflow
 
 __all__ = ["SampleResult", "load_checkpoint_model", "sample_flow", "sample_meanflow"]

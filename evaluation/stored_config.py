@@ -26,8 +26,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from models.checkpoint import CheckpointError, check_stored_model
-from models.runs import LOCATION_KEYS, RunError, is_location
+from runs.checkpoint import check_stored_model
+from runs.errors import CheckpointError, RunError
+from runs.layout import LOCATION_KEYS, is_location
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -149,7 +150,7 @@ def stored_run_config(stored: dict, overrides: list[str], source: str, what: str
 
 def eval_checkpoint_config(overrides: list[str]) -> DictConfig:
     """The resolved config of ``python launcher.py eval_checkpoint=PATH [overrides]``."""
-    from models.checkpoint import read_stored_config
+    from runs.stored import read_stored_config
 
     paths = [o.partition("=")[2] for o in overrides if override_key(o) == "eval_checkpoint"]
     stored, source, held = read_stored_config(paths[-1])

@@ -47,12 +47,12 @@ class RunRecord:
     def restore(self, state: dict, rows_only: bool = False) -> None:
         """A checkpoint's record, on resume (all of it) or on a rollback (its train metrics and
         rows; the run's skips and count are newer). What trackio holds is kept."""
-        self.totals = dict(state.get("totals", {}))
-        self.history = [dict(row) for row in state.get("history", [])]
+        self.totals = dict(state["totals"])
+        self.history = [dict(row) for row in state["history"]]
         self.kept = Counter(row_key(row) for row in self.history)
         if not rows_only:
-            self.skipped = [[int(epoch), int(batch)] for epoch, batch in state.get("skipped", [])]
-            self.rollbacks = int(state.get("rollbacks", 0))
+            self.skipped = [[int(epoch), int(batch)] for epoch, batch in state["skipped"]]
+            self.rollbacks = state["rollbacks"]
 
     def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
         """One step's train metrics."""

@@ -9,7 +9,7 @@ The α-Flow family replaces MeanFlow's derivative by a finite step of relative s
 short first piece by the velocity and ``x_{s+dt}`` by one Euler step gives the
 JVP-free target of the paper's α-Flow objective (the reference's
 ``_compute_mean_velocity_d``, written in this convention: ``t_p = 1 - s``, ``r_p = 1 - t``,
-``u = -u_p``, DESIGN.md)
+``u = -u_p``, docs/design.md)
 
     u_tgt = sg(α ṽ + (1 - α) u_θ(x_s + dt ṽ, s + dt, t)),       0 < α <= 1
 
@@ -46,10 +46,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
+from dataloaders.base_dataloaders import BaseItem
+from models.unified_input import broadcast_time, make_unified_flow_matching_input
 from losses.base_loss import call_model
 from losses.meanflow_loss import MeanFlowLoss
-from models.jvp import rewound_rng
+from runs.machine import rewound_rng
 
 SCHEDULES = ("constant", "linear", "sigmoid")
 

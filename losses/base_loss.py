@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem
-from models.checkpoint import instantiate_allowed
+from runs.build import instantiate_allowed
 from solvers.sampling import DiagonalSampler, Sampler
 
 

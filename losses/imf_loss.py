@@ -10,7 +10,7 @@ that the compound function
     V_θ = u_θ + (t_p - r_p) · sg(du_θ/dt_p)
 
 is an estimate of the instantaneous velocity, so it is regressed on the (guided)
-velocity ``v_g`` with an adaptive weight. In this project's convention (DESIGN.md:
+velocity ``v_g`` with an adaptive weight. In this project's convention (docs/design.md:
 ``t_p = 1 - s``, ``r_p = 1 - t``, ``u = -u_p``, and ``du/ds = du_p/dt_p``) that is
 
     V_θ(x_s, s, t) = u_θ(x_s, s, t) - (t - s) · sg(d/ds u_θ(x_s, s, t)),
@@ -46,7 +46,8 @@ outputs; the models here have one.
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
+from dataloaders.base_dataloaders import BaseItem
+from models.unified_input import broadcast_time, make_unified_flow_matching_input, straight_path
 from helpers_cfg import conditional_and_null, training_labels
 from losses.base_loss import call_model
 from losses.meanflow_loss import MeanFlowLoss
@@ -143,8 +144,7 @@ class IMFLoss(MeanFlowLoss):
         x0, x1 = batch.raw_source, batch.raw_target
         n, device = x1.shape[0], x1.device
         s, t = self.pair_sampler.sample(n, device)
-        sb = broadcast_time(s, x1)
-        x_s = (1 - sb) * x0 + sb * x1  # straight path at the start time s
+        x_s = straight_path(x0, x1, s)
         wide = torch.promote_types(x1.dtype, torch.float32)
         v = (x1 - x0).to(wide)  # conditional velocity
         label = training_labels(batch.label, self.num_classes, self.class_drop_prob)

@@ -1,6 +1,6 @@
 """MeanFlow loss (Geng et al. 2025, "Mean Flows for One-step Generative Modeling").
 
-In this project's time convention (DESIGN.md: noise at 0, data at 1) the model is the
+In this project's time convention (docs/design.md: noise at 0, data at 1) the model is the
 average velocity ``u(x_s, s, t)`` over ``[s, t]``. Differentiating
 ``(t - s) u(x_s, s, t) = ∫_s^t v(x_τ, τ) dτ`` in ``s`` gives the MeanFlow identity
 (paper Eq. 6, mapped with ``t_paper = 1 - s``, ``r_paper = 1 - t``, ``u = -u_paper``):
@@ -28,12 +28,14 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import BaseItem, broadcast_time, make_unified_flow_matching_input
+from dataloaders.base_dataloaders import BaseItem
+from models.unified_input import broadcast_time, make_unified_flow_matching_input, straight_path
 from helpers_cfg import conditional_and_null, training_labels
 from losses.base_loss import BaseLoss, call_model
 from losses.time_sampling import make_pair_sampler
 from models.jvp import JVP_MODES as PASS_MODES
-from models.jvp import primal_and_tangent, rewound_rng
+from models.jvp import primal_and_tangent
+from runs.machine import rewound_rng
 from solvers.sampling import JumpSampler, Sampler
 
 # torch registers its own forward-AD decompositions with torch.jit.script on the first
@@ -172,8 +174,7 @@ class MeanFlowLoss(BaseLoss):
         with ``class_drop_prob``)."""
         x0, x1 = batch.raw_source, batch.raw_target
         s, t = self.pair_sampler.sample(x1.shape[0], x1.device)
-        sb = broadcast_time(s, x1)
-        x_s = (1 - sb) * x0 + sb * x1  # straight path at the start time s
+        x_s = straight_path(x0, x1, s)
         v = x1 - x0  # conditional velocity
         label = training_labels(batch.label, self.num_classes, self.class_drop_prob)
         dropped = None if label is None else label == self.num_classes

@@ -1,7 +1,7 @@
 """Conditional flow-matching loss (Lipman et al. 2023, Eq. 23; Liu et al. 2023).
 
 With the straight path ``x_t = (1 - t) x_0 + t x_1`` the conditional velocity is
-``v = x_1 - x_0``, and the model is read on the diagonal ``s = t`` (DESIGN.md):
+``v = x_1 - x_0``, and the model is read on the diagonal ``s = t`` (docs/design.md):
 ``L = E_t E || u_θ(x_t, t, t) - (x_1 - x_0) ||²``, with ``t`` from the configured law
 (``loss.time``, default logit-normal(0, 1): Esser et al. 2024, Sec. 3.1).
 """

@@ -1,7 +1,7 @@
 """Every time a loss trains on is drawn here: flow matching's single ``t`` and the
 mean-flow ``(s, t)`` pairs.
 
-Convention (DESIGN.md): noise at 0, data at 1, and ``0 <= s <= t <= 1``. The published
+Convention (docs/design.md): noise at 0, data at 1, and ``0 <= s <= t <= 1``. The published
 MeanFlow code runs the other way (noise at 1) and names its pair ``(t, r)`` with
 ``t >= r``; a published pair maps here as ``s = 1 - t_paper``, ``t = 1 - r_paper``.
 The logit-normal parameters of the pair samplers (``mean``, ``std``, ``r_mean``,

@@ -1,6 +1,6 @@
 """The contract every velocity model keeps: ``u = model(z, y=None)``.
 
-``z`` is the unified input (DESIGN.md, "unified input"): the state and both times of
+``z`` is the unified input (``models/unified_input.py``): the state and both times of
 ``u(x_s, s, t)`` in one tensor,
 
 - dense data: ``(B, D + 2)`` laid out ``[x, s, t]``;
@@ -12,8 +12,7 @@ learned null class at index ``num_classes`` (classifier-free guidance): ``y=None
 means "no label", every sample the null class. An unconditional model
 (``num_classes = 0``) takes no labels.
 
-The base class owns the split of the unified input and the label rules, so that a
-model's ``forward`` starts with
+The base class owns the label rules, so that a model's ``forward`` starts with
 
     x, s, t = split_unified_input(z)
     y = self.labels(y, z)          # None, or (B,) with the null class filled in
@@ -24,20 +23,6 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
-
-
-def split_unified_input(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Inverse of ``dataloaders.base_dataloaders.make_unified_flow_matching_input``.
-
-    Args:
-        z: (B, D + 2) or (B, C + 2, H, W).
-
-    Returns:
-        ``(x, s, t)``: the state (B, D) or (B, C, H, W) and the two times, each (B,).
-    """
-    if z.dim() == 2:
-        return z[:, :-2], z[:, -2], z[:, -1]
-    return z[:, :-2], z[:, -2, 0, 0], z[:, -1, 0, 0]
 
 
 class BaseModel(nn.Module, ABC):

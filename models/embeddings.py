@@ -1,6 +1,6 @@
 """Time embeddings shared by the image models (SmallCNN, UNet, DiT).
 
-Every model is a mean-velocity field ``u(x_s, s, t)`` (DESIGN.md). The image models
+Every model is a mean-velocity field ``u(x_s, s, t)`` (docs/design.md). The image models
 embed the start time ``s`` and the interval ``t - s`` (not ``t`` itself): the
 MeanFlow paper (Geng et al. 2025, Table 1c) found the pair (time, interval) the
 best of the choices it tried, and with ``s = t`` (flow matching) the interval

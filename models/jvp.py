@@ -26,8 +26,7 @@ rule; the project's own attention does not need it, other code may). Callers tur
 autocast off around it: the tangent of a half-precision forward overflows.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -35,23 +34,9 @@ from torch import Tensor
 
 from models.attention import jvp_safe_attention
 from models.layers import tangents_without_graph
+from runs.machine import rewound_rng
 
 JVP_MODES = ("fused", "separate")
-
-
-@contextmanager
-def rewound_rng(device: torch.device) -> Iterator[None]:
-    """Run the block, then put the RNG back where it was, so whatever runs next draws
-    the same numbers (one dropout mask for two passes; probes that must not shift
-    the stream that exact resume depends on)."""
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def primal_and_tangent(fn: Callable[[Tensor], Tensor], z: Tensor, tangent: Tensor, mode: str) -> tuple[Tensor, Tensor]:

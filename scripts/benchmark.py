@@ -59,9 +59,9 @@ from evaluation.sample import sample_flow, sample_meanflow
 from losses.meanflow_loss import MeanFlowLoss
 from losses.mse_loss import FlowMatchingMSELoss
 from models.attention import attention, jvp_safe_attention
-from models.checkpoint import build_model
-from models.ema import EMA
 from models.layers import Conv2d, GroupNorm, LayerNorm, Linear, SiLU
+from runs.build import build_model
+from runs.ema import EMA
 from train import LossModule
 
 
@@ -135,7 +135,7 @@ class StepBench:
             self.modules[loss] = torch.compile(module, dynamic=False) if compiled else module
 
     def step(self, loss_name: str) -> None:
-        # bf16: autocast around the loss, as the trainer does; MeanFlow keeps its JVP in fp32 (DESIGN.md)
+        # bf16: autocast around the loss, as the trainer does; MeanFlow keeps its JVP in fp32 (docs/design.md)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.modules[loss_name](self.batch)
         self.optimizer.zero_grad(set_to_none=True)

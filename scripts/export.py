@@ -37,23 +37,25 @@ from omegaconf.errors import OmegaConfBaseException
 
 from config_checks import one_line, validate_config
 from evaluation.stored_config import stored_run_config
-from models.checkpoint import EXPORT_CONFIG, EXPORT_KINDS, EXPORT_WEIGHTS, read_checkpoint, stored_config, write_export
-from models.runs import RunError, find_runs
+from runs.checkpoint import read_checkpoint, stored_config
+from runs.errors import RunError
+from runs.export import EXPORT_KINDS, write_export
+from runs.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, LAST, RunLayout, ckpt_root, find_runs
 
 
 def find_checkpoint(run: str, output_dir: Path) -> Path:
     """``run`` as a checkpoint file, else as a run name under ``output_dir``."""
     as_path = Path(run).expanduser()
-    if as_path.is_dir() and (as_path / "last.pt").is_file():
-        return as_path / "last.pt"  # a run folder, outputs/ckpts/<arch>/<run>/
+    if as_path.is_dir() and (as_path / LAST).is_file():
+        return as_path / LAST  # a run folder, <output_dir>/ckpts/<arch>/<run>/
     if as_path.suffix == ".pt" or as_path.exists() or "/" in run:
         return as_path  # read_checkpoint names what is wrong with it
-    ckpt_root = output_dir / "ckpts"
-    runs = find_runs(ckpt_root)
+    root = ckpt_root(output_dir)
+    runs = find_runs(root)
     matches = [layout.last for layout in runs if layout.run == run]
     if not matches:
         known = ", ".join(sorted({layout.run for layout in runs})) or "none"
-        raise RunError(f"no run {run!r} under {ckpt_root} (runs there: {known}): give a run name or a checkpoint path")
+        raise RunError(f"no run {run!r} under {root} (runs there: {known}): give a run name or a checkpoint path")
     if len(matches) > 1:
         raise RunError(f"run name {run!r} exists for several architectures ({', '.join(map(str, matches))}): give the checkpoint path")
     return matches[0]
@@ -71,7 +73,8 @@ def export(run: str, output_dir: Path, out: Path | None, weights: str, force: bo
     if out is None:
         run_name = str(cfg.run_name)  # checked like a typed run name
         # An archived epoch gets its own folder beside the run's latest export.
-        out = output_dir / "export" / (run_name if path.name == "last.pt" else f"{run_name}_epoch_{int(state['epoch']):04d}")
+        layout = RunLayout(output_dir, str(cfg.model.name), run_name)
+        out = layout.export_dir(None if path.name == LAST else state["epoch"])
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {str(out)!r} is a file: expected a folder for {EXPORT_WEIGHTS} and {EXPORT_CONFIG}")
     taken = [name for name in (EXPORT_WEIGHTS, EXPORT_CONFIG) if (out / name).exists()]

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 
 from omegaconf import DictConfig, OmegaConf
 
-from models.runs import RunLayout, find_runs, is_run_file
+from runs.layout import DEFAULT_OUTPUT_DIR, RunLayout, ckpt_root, find_runs, is_run_file, run_names
 from scripts.trackio_merge import MergeError, merge_trackio
 
 # The Modal client is needed only to reach Modal: without it --help still works, and
@@ -58,6 +58,7 @@ if MODAL_INSTALLED:
 
 DEFAULTS = ROOT / "configs" / "modal" / "default.yaml"
 VOLUME_MOUNT = "/vol"  # where the volume appears in the container
+VOLUME_CKPTS = ckpt_root(DEFAULT_OUTPUT_DIR)  # the runs' checkpoints, relative to the volume (output_dir = /vol/outputs)
 REMOTE_PROJECT = "/root/denoising_zoo"  # where the source tree appears in the container
 NO_CREDENTIALS = "Modal credentials not found: run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)"
 IGNORED_TOP = {".git", ".venv", "venv", "outputs", "data", "trackio", "wandb", "multirun"}  # never uploaded
@@ -175,7 +176,7 @@ def remote_train(cfg_dict: dict, gpu_count: int = 1, volume_name: str = "", volu
     are subprocesses so TRACKIO_DIR is set before trackio is imported and logs stream."""
     root = Path(volume_root)
     cfg = OmegaConf.create(cfg_dict)
-    cfg.output_dir = str(root / "outputs")
+    cfg.output_dir = str(root / DEFAULT_OUTPUT_DIR)
     trackio_dir = root / "trackio"
     trackio_dir.mkdir(parents=True, exist_ok=True)
     config_path = root / "outputs" / "runs" / cfg.run_name / "modal_config.yaml"
@@ -220,7 +221,7 @@ def list_runs(root: Path) -> list[RunSummary]:
     import torch
 
     runs = []
-    for run in sorted(find_runs(root / "outputs" / "ckpts"), key=lambda r: r.run):
+    for run in sorted(find_runs(root / VOLUME_CKPTS), key=lambda r: r.run):
         state = torch.load(run.last, map_location="cpu", weights_only=True)
         size = sum(p.stat().st_size for p in run.files())
         runs.append(RunSummary(run.run, run.arch, int(state["epoch"]), int(state["step"]), size))
@@ -284,17 +285,17 @@ class ModalVolume(VolumeFiles):
 
 
 def run_checkpoint_files(paths: list[str], run_name: str) -> list[str]:
-    """Of ``outputs/ckpts/...`` paths, those of one run (``models/runs.py::is_run_file``)."""
+    """Of ``outputs/ckpts/...`` paths, those of one run (``runs/layout.py::is_run_file``)."""
     return [path for path in paths if is_run_file(PurePosixPath(*PurePosixPath(path).parts[2:]), run_name)]
 
 
 def fetch_run(volume: VolumeFiles, run_name: str, dest: Path) -> list[Path]:
     """Download a run's checkpoints to ``dest/<arch>/...``; refuses before downloading
     anything if one of the files is already there."""
-    everything = volume.files("outputs/ckpts")
+    everything = volume.files(str(VOLUME_CKPTS))
     chosen = run_checkpoint_files(everything, run_name)
     if not chosen:
-        known = sorted({p.split("/")[3] for p in everything if p.endswith("/last.pt") and p.count("/") == 4})
+        known = run_names([PurePosixPath(*PurePosixPath(p).parts[2:]) for p in everything])
         raise ModalAppError(f"run {run_name!r} has no checkpoints on the volume (runs there: {', '.join(known) or 'none'})")
     targets = {path: dest.joinpath(*PurePosixPath(path).parts[2:]) for path in chosen}
     existing = [str(t) for t in targets.values() if t.exists()]
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sync", help="merge the volume's trackio runs into the local trackio store")
     fetch = sub.add_parser("fetch", help="download a run's checkpoints (never overwrites)")
     fetch.add_argument("run_name")
-    fetch.add_argument("--dest", type=Path, default=ROOT / "outputs" / "ckpts", help="local ckpts folder (default outputs/ckpts)")
+    fetch.add_argument("--dest", type=Path, default=ROOT / VOLUME_CKPTS, help=f"local ckpts folder (default {VOLUME_CKPTS})")
     args = parser.parse_args(argv)
 
     if (reason := modal_unavailable()) is not None:

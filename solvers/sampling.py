@@ -1,4 +1,4 @@
-"""Drawing samples from a mean-velocity field ``u(x_s, s, t)`` (DESIGN.md, "Sampling").
+"""Drawing samples from a mean-velocity field ``u(x_s, s, t)`` (docs/design.md, "Sampling").
 
 Two ways, and a ``Sampler`` for each that a loss hands to the evaluator (a loss says how
 its model samples; the evaluator only calls what it is given):
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import make_unified_flow_matching_input
+from models.unified_input import make_unified_flow_matching_input
 from helpers_cfg import guided_velocity
 from solvers.base_solver import uniform_grid
 from solvers.runge_kutta import make_solver

@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 import launcher
 import train
 from dataloaders.base_dataloaders import make_train_loader
-from models.runs import RunError, process_group
+from runs.errors import RunError
+from runs.machine import process_group
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import BaseItem, make_base_item, make_unified_flow_matching_input, split_unified_input
+from dataloaders.base_dataloaders import BaseItem, make_base_item
+from models.unified_input import make_unified_flow_matching_input, split_unified_input
 from losses.alphaflow_loss import AlphaFlowLoss, scheduled_alpha
 from losses.time_sampling import AlphaflowPairSampler
 from losses.base_loss import build_loss

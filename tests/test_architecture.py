@@ -14,17 +14,18 @@ from tests.conftest import LAUNCHER, REPO, TINY_OVERRIDES, launcher_env
 
 # Lower layers never import higher ones; a package may import itself.
 LAYERS = {
-    "models": 0,
-    "dataloaders": 1,
-    "helpers_cfg": 2,
-    "solvers": 3,
-    "losses": 4,
-    "evaluation": 5,
-    "train": 6,
-    "scripts": 7,
-    "visualizers": 7,
-    "config_checks": 7,
-    "launcher": 8,
+    "runs": 0,
+    "models": 1,
+    "dataloaders": 2,
+    "helpers_cfg": 3,
+    "solvers": 4,
+    "losses": 5,
+    "evaluation": 6,
+    "train": 7,
+    "scripts": 8,
+    "visualizers": 8,
+    "config_checks": 8,
+    "launcher": 9,
 }
 
 
@@ -161,3 +162,47 @@ def test_a_new_loss_is_one_file_and_one_yaml(tmp_path):
     assert "eval/energy_distance" not in metrics  # only the samplers the loss names
     assert "worst=" in result.stdout  # the loss's own metric reaches the log
     assert state["config"]["loss"] == {"name": "toy", "_target_": "losses.toy_test_loss.ToyLoss", "lo": 0.1, "hi": 0.9, "steps": 12}
+
+
+def code_strings(path: Path) -> list[str]:
+    """The string constants of a file's code, its docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node) is not None}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_models_hold_networks_only():
+    """``models/`` defines no error type or exit status and reads or writes no file: the
+    run's machinery lives in ``runs/``."""
+    found = []
+    for path in sorted((REPO / "models").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and any(isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception")) for b in node.bases):
+                found.append(f"{path.name}: class {node.name}")
+            if isinstance(node, ast.Attribute) and node.attr in ("save", "load", "exit_code") and getattr(node.value, "id", "") in ("torch", "self", "err"):
+                found.append(f"{path.name}: {node.value.id}.{node.attr}")
+            if isinstance(node, ast.Name) and node.id in ("open", "exit"):
+                found.append(f"{path.name}: {node.id}")
+    assert not found, found
+
+
+LAYOUT_WORDS = re.compile(r"(^|/)(ckpts|archive|last\.pt|export|plots)(/|$)")
+FOLDER_NAMES = ("ckpts", "archive", "last.pt")  # alone in a string: a path segment (``export`` and ``plots`` are also words)
+
+
+def test_one_file_spells_the_run_layout():
+    """Only ``runs/layout.py`` names the run's folders and files in code; every script,
+    visualizer and test asks it (``RunLayout``, ``ckpt_root``). Docstrings and help texts
+    that show a user a path are documentation, not code, and may."""
+    spelled = []
+    for path in sorted(REPO.rglob("*.py")):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] in (".venv", "venv") or rel == Path("runs/layout.py"):
+            continue
+        for text in code_strings(path):
+            if " " not in text and (text in FOLDER_NAMES or ("/" in text and LAYOUT_WORDS.search(text))):  # a path, not a sentence
+                spelled.append(f"{rel}: {text!r}")
+    assert not spelled, spelled

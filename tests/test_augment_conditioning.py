@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dataloaders.augment import AugmentPipe
-from dataloaders.base_dataloaders import DictDatasetAdapter, TensorTargetDataset, make_unified_flow_matching_input
+from dataloaders.base_dataloaders import DictDatasetAdapter, TensorTargetDataset
+from models.unified_input import make_unified_flow_matching_input
 from losses.alphaflow_loss import AlphaFlowLoss
 from losses.imf_loss import IMFLoss
 from losses.meanflow_loss import MeanFlowLoss

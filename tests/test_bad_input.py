@@ -29,8 +29,8 @@ import torch
 
 import launcher
 from config_checks import OPTIMIZERS, check_groups, check_loss, check_model, check_optimizer
-from models.checkpoint import read_checkpoint
-from models.runs import RUN_NAME_MAX
+from runs.checkpoint import read_checkpoint
+from runs.layout import RUN_NAME_MAX
 from tests.conftest import CONFIG_DIR, TINY_OVERRIDES, TrainedRun, compose_train, last_line, launch, tree_hashes
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataloaders.base_dataloaders import make_unified_flow_matching_input
-from models.base_model import BaseModel, split_unified_input
+from models.unified_input import make_unified_flow_matching_input
+from models.base_model import BaseModel
+from models.unified_input import split_unified_input
 from models.dit.dit import DiT
 from models.flow_matching.cnn import SmallCNN
 from models.flow_matching.mlp import MLP

@@ -15,15 +15,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from models.checkpoint import (
-    CheckpointError,
-    build_model,
-    instantiate_allowed,
-    load_model_from_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
-from models.runs import RunError
+from runs.build import build_model, instantiate_allowed
+from runs.checkpoint import read_checkpoint, save_checkpoint
+from runs.errors import CheckpointError, RunError
+from runs.stored import load_model_from_checkpoint
 from tests.conftest import TINY_OVERRIDES, compose_train, launch
 
 
@@ -59,9 +54,9 @@ def hostile_models(tmp_path: Path) -> dict[str, dict]:
     mlp = {"name": "mlp", "_target_": "models.flow_matching.mlp.MLP", "data_dim": 2}
     return {
         "torch_load": {"_target_": "torch.load", **reload_unsafely},
-        "through_an_import": {"_target_": "models.checkpoint.torch.load", **reload_unsafely},
-        "project_function": {"_target_": "models.checkpoint.save_checkpoint", "state": {}, "path": str(marker)},
-        "not_a_model_class": {"_target_": "models.runs.RunLayout", "output_dir": str(marker), "arch": "a", "run": "b"},
+        "through_an_import": {"_target_": "models.base_model.torch.load", **reload_unsafely},
+        "project_function": {"_target_": "runs.checkpoint.save_checkpoint", "state": {}, "path": str(marker)},
+        "not_a_model_class": {"_target_": "models.embeddings.TimestepEmbedder", "hidden_size": 4},
         "not_a_velocity_model": {"_target_": "models.vae.vae.SDVAE", "pretrained": "someone/else"},  # would download
         "abstract_base": {"_target_": "models.base_model.BaseModel"},
         "nested_target": {**mlp, "activation": {"_target_": "torch.load", **reload_unsafely}},
@@ -74,9 +69,9 @@ def hostile_models(tmp_path: Path) -> dict[str, dict]:
 
 NEEDLES = {
     "torch_load": "_target_='torch.load' is refused",
-    "through_an_import": "_target_='models.checkpoint.torch.load' is refused",
-    "project_function": "_target_='models.checkpoint.save_checkpoint' is refused",
-    "not_a_model_class": "_target_='models.runs.RunLayout' is refused",
+    "through_an_import": "_target_='models.base_model.torch.load' is refused",
+    "project_function": "_target_='runs.checkpoint.save_checkpoint' is refused",
+    "not_a_model_class": "_target_='models.embeddings.TimestepEmbedder' is refused",
     "not_a_velocity_model": "_target_='models.vae.vae.SDVAE' is refused",
     "abstract_base": "_target_='models.base_model.BaseModel' is refused",
     "nested_target": "model.activation._target_ is refused",
@@ -156,7 +151,7 @@ def test_data_set_factories_from_a_stored_config(tmp_path):
     with pytest.raises(CheckpointError, match="a dataset must be a class defined"):  # factories only when asked for
         instantiate_allowed(node, ("dataloaders.",), "dataset", extra={"split": "train"})
     marker = tmp_path / "MARKER"
-    for target in ("dataloaders.base_dataloaders.instantiate", "torch.load", "models.checkpoint.save_checkpoint"):
+    for target in ("dataloaders.base_dataloaders.instantiate", "torch.load", "runs.checkpoint.save_checkpoint"):
         with pytest.raises(CheckpointError, match=f"_target_='{target}' is refused"):
             instantiate_allowed({"_target_": target, "path": str(marker)}, ("dataloaders.",), "dataset", functions=True)
     assert not marker.exists()

@@ -22,8 +22,8 @@ from torch import nn
 
 from dataloaders.base_dataloaders import make_base_item
 from losses.meanflow_loss import MeanFlowLoss
-from models.checkpoint import load_model_from_checkpoint
 from models.flow_matching.mlp import MLP
+from runs.stored import load_model_from_checkpoint
 from tests.conftest import TINY_OVERRIDES, launch
 from tests.test_models import tiny
 from train import LossModule

@@ -19,13 +19,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
-from dataloaders.base_dataloaders import (
-    DictDatasetAdapter,
-    collate_base_items,
-    make_unified_flow_matching_input,
-)
+from dataloaders.base_dataloaders import DictDatasetAdapter, collate_base_items
+from models.unified_input import make_unified_flow_matching_input
 from losses.base_loss import BaseLoss, build_loss
-from models.checkpoint import build_model
+from runs.build import build_model
 from solvers.runge_kutta import make_solver
 from tests.conftest import CONFIG_DIR, compose_train
 

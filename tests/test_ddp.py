@@ -19,7 +19,8 @@ import launcher
 import train
 from dataloaders.base_dataloaders import BaseItem, collate_base_items
 from losses.base_loss import build_loss
-from models.checkpoint import build_model, read_checkpoint
+from runs.build import build_model
+from runs.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from evaluation import device_metrics
-from evaluation.device_metrics import DeviceMonitor, MacmonSampler, parse_macmon_line
+from runs import device_metrics
+from runs.device_metrics import DeviceMonitor, MacmonSampler, parse_macmon_line
 
 
 def macmon_line(freq: float, util: float, power: float, temp: float) -> str:
@@ -54,7 +54,7 @@ def test_parse_skips_noise_and_partial_fields():
 
 
 class Clock:
-    """Stands in for ``time`` in ``evaluation.device_metrics``: samples are stamped and
+    """Stands in for ``time`` in ``runs.device_metrics``: samples are stamped and
     windows measured on a clock the test moves, so no assertion depends on how fast
     this machine runs the stand-in ``macmon``."""
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.checkpoint import read_checkpoint
-from models.ema import EMA, EMASet
-from tests.conftest import TINY_OVERRIDES, launch, last_line
+from runs.checkpoint import read_checkpoint
+from runs.ema import EMA, EMASet
+from tests.conftest import TINY_OVERRIDES, last_line, launch
 
 
 def test_every_ema_follows_its_own_decay():

@@ -13,15 +13,11 @@ from safetensors.torch import save_file
 
 import launcher
 from evaluation.sample import load_checkpoint_model
-from models.checkpoint import (
-    CheckpointError,
-    load_model_from_checkpoint,
-    load_model_from_export,
-    read_checkpoint,
-    save_checkpoint,
-    weights_digest,
-)
-from models.runs import RunLayout
+from runs.checkpoint import read_checkpoint, save_checkpoint
+from runs.errors import CheckpointError
+from runs.export import load_model_from_export, weights_digest
+from runs.layout import RunLayout
+from runs.stored import load_model_from_checkpoint
 from scripts.export import main as export_main
 from tests.conftest import REPO, launch
 from tests.test_checkpoint_safety import hostile_models, tiny_state

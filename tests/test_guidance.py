@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import make_base_item, make_unified_flow_matching_input
+from dataloaders.base_dataloaders import make_base_item
+from models.unified_input import make_unified_flow_matching_input
 from dataloaders.kmeans import make_dataset
 from evaluation.energy_distance import energy_distance
 from evaluation.sample import sample_flow, sample_meanflow

@@ -22,8 +22,11 @@ from omegaconf import OmegaConf
 import launcher
 from dataloaders import cifar10
 from evaluation.stored_config import compose, stored_run_config
-from models.checkpoint import CheckpointError, build_model, save_checkpoint, write_export
-from models.runs import LOCATION_KEYS
+from runs.build import build_model
+from runs.checkpoint import save_checkpoint
+from runs.errors import CheckpointError
+from runs.export import write_export
+from runs.layout import LOCATION_KEYS
 from scripts.export import main as export_main
 from tests.conftest import LAUNCHER, TINY_OVERRIDES, compose_train, launch, launcher_env, tree_hashes
 from tests.test_checkpoint_safety import WritesMarker, tiny_state

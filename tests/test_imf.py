@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import BaseItem, make_base_item, make_unified_flow_matching_input, split_unified_input
+from dataloaders.base_dataloaders import BaseItem, make_base_item
+from models.unified_input import make_unified_flow_matching_input, split_unified_input
 from evaluation.sample import sample_meanflow
 from losses.base_loss import build_loss
 from losses.imf_loss import DEFAULT_TIME, IMFLoss
@@ -311,7 +312,7 @@ def test_training_improves_one_step_samples() -> None:
 
 
 def test_half_precision_autocast_leaves_the_targets_in_fp32() -> None:
-    """The tangent forward, the JVP and the prediction run with autocast off (DESIGN.md trap)."""
+    """The tangent forward, the JVP and the prediction run with autocast off (docs/design.md trap)."""
     torch.manual_seed(0)
     model = MLP(data_dim=2, hidden=32, depth=2)
     seen: list[torch.dtype] = []

@@ -16,8 +16,10 @@ from omegaconf import open_dict
 from PIL import Image
 
 import train
-from models.checkpoint import CheckpointWriteError, load_model_from_checkpoint, read_checkpoint, save_checkpoint
-from models.runs import RunError, RunLayout
+from runs.checkpoint import read_checkpoint, save_checkpoint
+from runs.errors import CheckpointWriteError, RunError
+from runs.layout import RunLayout
+from runs.stored import load_model_from_checkpoint
 from tests.conftest import REPO, TrainedRun, launch, launcher_env, tree_hashes
 
 pytestmark = pytest.mark.slow

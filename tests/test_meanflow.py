@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import BaseItem, make_base_item, make_unified_flow_matching_input, split_unified_input
+from dataloaders.base_dataloaders import BaseItem, make_base_item
+from models.unified_input import make_unified_flow_matching_input, split_unified_input
 from evaluation.sample import sample_meanflow
 from losses.meanflow_loss import DEFAULT_TIME, MeanFlowLoss
 from losses.time_sampling import make_pair_sampler
@@ -164,7 +165,7 @@ def test_dropout_mask_is_shared_between_primal_and_tangent() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["fused", "separate"])
 def test_half_precision_autocast_leaves_the_jvp_in_fp32(mode: str, dtype: torch.dtype) -> None:
-    """fp16 inside the JVP overflows (DESIGN.md trap): the loss turns autocast off there."""
+    """fp16 inside the JVP overflows (docs/design.md trap): the loss turns autocast off there."""
     torch.manual_seed(0)
     model = MLP(data_dim=2, hidden=32, depth=2)
     seen: list[torch.dtype] = []

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.func import jvp
 
-from dataloaders.base_dataloaders import make_unified_flow_matching_input
+from models.unified_input import make_unified_flow_matching_input
 from models.attention import attention, jvp_safe_attention
 from models.dit.dit import DiT
 from models.flow_matching.cnn import SmallCNN

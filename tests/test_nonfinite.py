@@ -25,7 +25,7 @@ import launcher
 import train
 from dataloaders.base_dataloaders import EpochSampler, make_dataset
 from evaluation.evaluator import reference_sets
-from models.checkpoint import read_checkpoint
+from runs.checkpoint import read_checkpoint
 from tests.conftest import (
     LAUNCHER,
     REPO,

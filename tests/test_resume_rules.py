@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from models.checkpoint import read_checkpoint
+from runs.checkpoint import read_checkpoint
 from tests.conftest import TINY_OVERRIDES, PausedLaunch, last_line, launch, tree_hashes
 from tests.test_launcher import read_trackio
 
@@ -86,7 +86,8 @@ def test_trackio_history_after_a_kill_has_no_duplicates_and_no_holes(tmp_path):
 def test_a_resumed_run_may_find_its_data_elsewhere():
     """Where the data lies is the machine's: a moved data folder is a change, not a refusal;
     the data set itself stays fixed."""
-    from models.runs import RunError, resume_changes
+    from runs.errors import RunError
+    from runs.layout import resume_changes
 
     saved = {"dataloaders": {"name": "cifar10", "root": "data", "dataset": {"root": "data", "download": False, "flip": True}}}
     moved = {"dataloaders": {"name": "cifar10", "root": "/scratch/c10", "dataset": {"root": "/scratch/c10", "download": True,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import split_unified_input
+from models.unified_input import split_unified_input
 from evaluation.sample import sample_flow, sample_meanflow
 from solvers.base_solver import uniform_grid
 from solvers.runge_kutta import SOLVERS, make_solver

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import read_checkpoint
+from runs.checkpoint import read_checkpoint
 from tests.conftest import TINY_OVERRIDES, PausedLaunch, launch
 
 # 4096 samples / 64 = 64 steps per epoch, a step checkpoint every 5 steps (never at an

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.tracking import RunRecord, row_key
-from models.checkpoint import read_checkpoint
+from runs.checkpoint import read_checkpoint
 from tests.conftest import REPO, TINY_OVERRIDES, launch, launcher_env
 
 # A real launcher run whose evaluation of epoch 1 kills the process (SIGKILL, no handler

@@ -1,18 +1,11 @@
-"""The shared data interface of DESIGN.md: unified input, BaseItem, adapter, the epoch sampler."""
+"""The shared data interface of docs/design.md: unified input, BaseItem, adapter, the epoch sampler."""
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataloaders.base_dataloaders import (
-    BaseItem,
-    DictDatasetAdapter,
-    EpochSampler,
-    TensorTargetDataset,
-    collate_base_items,
-    make_unified_flow_matching_input,
-    split_unified_input,
-)
+from dataloaders.base_dataloaders import BaseItem, DictDatasetAdapter, EpochSampler, TensorTargetDataset, collate_base_items
+from models.unified_input import make_unified_flow_matching_input, split_unified_input
 
 
 def test_dense_input_appends_s_and_t():
@@ -69,7 +62,7 @@ def test_adapter_items_through_a_real_dataloader(shape):
         item = raw.at_time(torch.rand(len(raw)))
         assert isinstance(item, BaseItem) and len(item) == 16
         tb = item.t.reshape(-1, *([1] * len(shape)))
-        # x_t = (1 - t) x_0 + t x_1 and the target is v = x_1 - x_0 (DESIGN.md)
+        # x_t = (1 - t) x_0 + t x_1 and the target is v = x_1 - x_0 (docs/design.md)
         assert torch.allclose(item.input, (1 - tb) * item.raw_source + tb * item.raw_target, atol=1e-6)
         assert torch.allclose(item.target, item.raw_target - item.raw_source)
         assert torch.equal(item.unified_input, make_unified_flow_matching_input(item.input, item.t, item.t))

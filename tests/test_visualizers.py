@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from models.checkpoint import build_model, save_checkpoint
+from runs.build import build_model
+from runs.checkpoint import save_checkpoint
 from visualizers import evolution, flow_trajectories, meanflow_steps, render_all
 from visualizers.common import run_cli
 

@@ -39,11 +39,12 @@ import matplotlib.pyplot as plt
 from dataloaders.base_dataloaders import make_dataset, stack_targets
 from evaluation.stored_config import stored_run_config
 from losses.base_loss import build_loss
-from models.checkpoint import CheckpointError, read_stored_config
-from models.runs import RunLayout, find_runs
+from runs.errors import CheckpointError
+from runs.layout import DEFAULT_OUTPUT_DIR, RunLayout, ckpt_root, find_runs
+from runs.stored import read_stored_config
 from solvers.sampling import JumpSampler, Sampler
 
-DEFAULT_CKPT_ROOT = "outputs/ckpts"
+DEFAULT_CKPT_ROOT = str(ckpt_root(DEFAULT_OUTPUT_DIR))
 DEFAULT_VIS_ROOT = Path("outputs/vis")
 DPI = 96  # with the figure sizes below, frame sides are multiples of 16 (what H.264 wants)
 

@@ -3,7 +3,7 @@
     python -m visualizers.flow_trajectories --run-name NAME [--steps 60] [--solver rk4]
 
 Noise ``x_0 ~ N(0, I)`` is integrated along ``dx/dt = u(x, t, t)``, the model's
-instantaneous velocity (DESIGN.md), with the run's own solver unless ``--solver``
+instantaneous velocity (docs/design.md), with the run's own solver unless ``--solver``
 says otherwise; a MeanFlow run is drawn the same way (its few-step jumps are
 ``meanflow_steps``'s picture). One frame per solver step plus the noise
 (``--steps`` + 1 frames); each particle leaves a faint trail of its path so far,

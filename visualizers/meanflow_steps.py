@@ -4,7 +4,7 @@
 
 One panel per step count k in ``--steps``; all panels start from the same noise.
 A k-step sampler jumps along the grid ``t_j = j / k`` with
-``x_{j+1} = x_j + (t_{j+1} - t_j) u(x_j, t_j, t_{j+1})`` (DESIGN.md); the animation
+``x_{j+1} = x_j + (t_{j+1} - t_j) u(x_j, t_j, t_{j+1})`` (docs/design.md); the animation
 shows each jump being travelled at constant speed over ``--frames`` frames of
 time tau in [0, 1], i.e. the state ``x_j + (tau - t_j) u(x_j, t_j, t_{j+1})``, with
 a faint trail of the straight pieces so far. A panel's title gives k and the

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import attention, check_attention_jvp
-from models.base_model import BaseModel, split_unified_input
+from models.base_model import BaseModel
+from models.unified_input import split_unified_input
 from models.embeddings import AugmentEmbedder, ClassEmbedder, IntervalTimeEmbedder
 from models.layers import GELU, Conv2d, LayerNorm, Linear, SiLU, gated_residual, modulate
 

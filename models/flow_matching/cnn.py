@@ -10,7 +10,8 @@ on MNIST / CIFAR-10 and for tests; the UNet is the model for real runs.
 import torch
 from torch import Tensor, nn
 
-from models.base_model import BaseModel, split_unified_input
+from models.base_model import BaseModel
+from models.unified_input import split_unified_input
 from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_levels
 from models.layers import Conv2d, GroupNorm, Linear, silu
 

@@ -1,6 +1,6 @@
 """MLP mean-velocity field for dense (B, D) data.
 
-The unified input ``[x, s, t]`` (DESIGN.md) goes straight into the first layer, with
+The unified input ``[x, s, t]`` (docs/design.md) goes straight into the first layer, with
 the two times also fed through a small sinusoidal embedding so that the network
 can resolve fine structure in time. Output: ``u(x_s, s, t)`` of shape (B, D).
 """
@@ -10,7 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.base_model import BaseModel, split_unified_input
+from models.base_model import BaseModel
+from models.unified_input import split_unified_input
 from models.layers import GELU, Linear, SiLU
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": SiLU, "gelu": GELU, "relu": nn.ReLU, "tanh": nn.Tanh}

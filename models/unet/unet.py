@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import attention
-from models.base_model import BaseModel, split_unified_input
+from models.base_model import BaseModel
+from models.unified_input import split_unified_input
 from models.embeddings import AugmentEmbedder, ClassEmbedder, IntervalTimeEmbedder, check_levels
 from models.layers import Conv2d, GroupNorm, Linear, silu
 

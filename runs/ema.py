@@ -91,4 +91,4 @@ class EMASet:
         """Restore from a checkpoint; an EMA it lacks (a decay added on resume) starts from its main EMA."""
         self.main.load_state_dict(state["ema"])
         for decay, ema in self.extra.items():
-            ema.load_state_dict(state.get("emas", {}).get(decay, state["ema"]))
+            ema.load_state_dict(state["emas"].get(decay, state["ema"]))

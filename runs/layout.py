@@ -1,60 +1,36 @@
-"""A run: where its files live, where it runs (device, process group, RNG state), and
-the one error type it raises.
+"""Where a run's files live, and the lock that keeps two launches of one run apart.
 
-Every path of a run is spelled here and nowhere else (DESIGN.md, "Checkpoints"):
+Every path of a run is spelled here and nowhere else (docs/design.md, "Run files"):
 
     <output_dir>/ckpts/<arch>/<run>/last.pt                   live checkpoint
     <output_dir>/ckpts/<arch>/archive/<run>_epoch_XXXX.pt     archived copies
     <output_dir>/ckpts/<arch>/archive/<run>_overwritten_STAMP.pt   the last.pt that overwrite=true replaced
     <output_dir>/runs/<run>/plots/epoch_XXXX.png              sample plots and grids
     <output_dir>/eval/<run>/                                  eval_checkpoint results
-
-``RunError`` carries its exit status; the launcher turns any of them into one line on
-stderr and that status, in one place.
+    <output_dir>/export/<run>[_epoch_XXXX]/                   export folders (scripts/export.py)
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import random
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-import torch
-import torch.distributed as dist
+from runs.errors import RunError
 
-DIST_TIMEOUT = timedelta(minutes=60)  # rank 0 may evaluate (FID) for long while the others wait
+DEFAULT_OUTPUT_DIR = Path("outputs")
+CKPTS, ARCHIVE, EXPORTS, LAST = "ckpts", "archive", "export", "last.pt"
+EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.yaml"  # an export folder's two files
+
 # A run name is a folder and the stem of file names: the longest, an archived
 # ``<run>_overwritten_YYYYmmdd-HHMMSS.pt``, adds 31 bytes (a save's temporary
 # ``.<file>.tmp`` adds 5); 200 keeps every one under the 255-byte limit of a file name,
 # with room for epoch counters past 9999.
 RUN_NAME_MAX = 200
-
-
-class RunError(RuntimeError):
-    """Something the user can fix (a bad value, a missing file): one line, exit status 2."""
-
-    exit_code = 2
-
-
-class TrainingFailed(RunError):
-    """A run that started and had to stop (a non-finite loss, ranks out of sync): exit status 1."""
-
-    exit_code = 1
-
-
-class Preempted(RunError):
-    """Stopped by a signal after writing a checkpoint; exit status 128 + the signal number."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 @dataclass(frozen=True)
@@ -72,7 +48,7 @@ class RunLayout:
 
     @property
     def ckpt_root(self) -> Path:
-        return self.output_dir / "ckpts"
+        return ckpt_root(self.output_dir)
 
     @property
     def run_dir(self) -> Path:
@@ -80,11 +56,11 @@ class RunLayout:
 
     @property
     def last(self) -> Path:
-        return self.run_dir / "last.pt"
+        return self.run_dir / LAST
 
     @property
     def archive_dir(self) -> Path:
-        return self.ckpt_root / self.arch / "archive"
+        return self.ckpt_root / self.arch / ARCHIVE
 
     def archive(self, epoch: int) -> Path:
         return self.archive_dir / f"{self.run}_epoch_{epoch:04d}.pt"
@@ -202,10 +178,19 @@ class RunLayout:
     def eval_dir(self) -> Path:
         return self.output_dir / "eval" / self.run
 
+    def export_dir(self, epoch: int | None = None) -> Path:
+        """Where ``scripts/export.py`` writes the run's weights: ``last.pt``'s, or an archived epoch's."""
+        return self.output_dir / EXPORTS / (self.run if epoch is None else f"{self.run}_epoch_{epoch:04d}")
+
+
+def ckpt_root(output_dir: Path) -> Path:
+    """The folder of every run's checkpoints: ``<output_dir>/ckpts``."""
+    return Path(output_dir) / CKPTS
 
 # What a resumed run must share with its checkpoint (the state would not fit or mean the
 # same), and what is free to differ without being worth a line (where the run runs).
 FIXED_ON_RESUME = ("model", "loss", "dataloaders", "batch_size", "seed", "optimizer._target_")
+
 # Keys of a data config (the VAE's included) that say where files are read from, or
 # whether and what to download: the machine's, not the run's. A resumed run may move its
 # data; a stored run never chooses them (evaluation/stored_config.py).
@@ -275,84 +260,16 @@ def is_run_file(relative: PurePosixPath, run: str) -> bool:
         return False
     if len(parts) >= 3 and parts[1] == run:
         return True
-    return len(parts) == 3 and parts[1] == "archive" and re.fullmatch(rf"{re.escape(run)}_epoch_\d{{4,}}\.pt", parts[2]) is not None
+    return len(parts) == 3 and parts[1] == ARCHIVE and re.fullmatch(rf"{re.escape(run)}_epoch_\d{{4,}}\.pt", parts[2]) is not None
 
 
-def find_runs(ckpt_root: Path) -> list[RunLayout]:
-    """Every run with a ``<arch>/<run>/last.pt`` under ``ckpt_root``, newest first."""
-    lasts = [p for p in ckpt_root.glob("*/*/last.pt") if p.parent.name != "archive"]
+def run_names(relative: list[PurePosixPath]) -> list[str]:
+    """The runs that have a ``<arch>/<run>/last.pt`` among paths relative to the checkpoint root."""
+    return sorted({p.parts[1] for p in relative if len(p.parts) == 3 and p.parts[2] == LAST and p.parts[1] != ARCHIVE})
+
+
+def find_runs(root: Path) -> list[RunLayout]:
+    """Every run with a ``<arch>/<run>/last.pt`` under the checkpoint root ``root``, newest first."""
+    lasts = [p for p in root.glob(f"*/*/{LAST}") if p.parent.name != ARCHIVE]
     lasts.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [RunLayout(ckpt_root.parent, p.parent.parent.name, p.parent.name) for p in lasts]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an explicit device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RunError("device=mps but this machine has no Apple MPS backend: use device=auto or device=cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise RunError(f"device={name} but CUDA is not available on this machine: use device=auto or device=cpu")
-        index = name.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise RunError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..")
-    elif name not in ("cpu", "mps"):
-        raise RunError(f"device={name}: expected auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, _, gauss = random.getstate()
-    random.setstate((version, tuple(state["python"]), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextmanager
-def process_group(device_name: str, rank: int, world: int, local_rank: int):
-    """NCCL with one GPU per process on CUDA, gloo on the CPU; torn down on any exit."""
-    device = resolve_device(device_name)
-    if device.type == "mps":
-        raise RunError("device=mps cannot run under torchrun (no collective backend for MPS): run one process, or use device=cpu")
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise RunError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA device(s): "
-                           "set --nproc_per_node to at most the number of GPUs")
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world, timeout=DIST_TIMEOUT, device_id=torch.device("cuda", local_rank))
-    else:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=DIST_TIMEOUT)
-    try:
-        yield
-        # Every rank is done before the connections close: a rank that tears down first
-        # can make a peer still inside gloo abort (SIGABRT) instead of exiting.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def check_ranks_agree(model, step: int) -> None:
-    """Every rank must hold the same weights after a step. If they differ, the gradient
-    all-reduce was skipped (e.g. a loss that reaches the model through ``model.module``
-    outside the DDP forward) and each rank trains alone."""
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    high, low = sums.clone(), sums.clone()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    if not torch.equal(high, low):
-        raise TrainingFailed(f"ranks disagree after step {step}: gradient synchronisation is broken "
-                             "(the loss must run inside the DDP-wrapped forward; calling model.module skips the all-reduce)")
+    return [RunLayout(root.parent, p.parent.parent.name, p.parent.name) for p in lasts]

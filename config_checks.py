@@ -36,7 +36,7 @@ from losses.time_sampling import PAIR_SAMPLERS, TIME_SAMPLERS
 from models.base_model import BaseModel
 from runs.build import MODEL_PREFIXES, allowed_target, build_model
 from runs.ema import EMASet
-from runs.errors import RunError
+from runs.errors import RunError, one_line
 from runs.layout import is_location
 
 # What a config value can be, in words: (one, several).
@@ -258,19 +258,6 @@ def check_groups(cfg: DictConfig, use: str = "train") -> None:
 # ---------------------------------------------------------------------------------
 # The whole config
 # ---------------------------------------------------------------------------------
-
-
-def one_line(err: BaseException) -> str:
-    """Hydra's multi-line messages (e.g. the list of choices) folded onto one line."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    if "Config search path:" in lines:  # Hydra appends its search path: noise for the user
-        lines = lines[: lines.index("Config search path:")]
-    head, rest = lines[0], lines[1:]
-    if rest and rest[0].endswith(":"):  # "Available options in 'model':" followed by the options
-        return f"{head} {rest[0]} {', '.join(rest[1:])}"
-    return " ".join(lines)
 
 
 def validate_config(cfg, use: str | None = None) -> None:

@@ -4,14 +4,15 @@ Composes ``configs/train.yaml`` with Hydra's compose API (no Hydra run folder, n
 change of working directory), checks ``run_name``, and hands the config to
 ``train.run`` (local) or to the Modal app. ``--from-config FILE`` trains a resolved
 config saved to a file (what the Modal container runs). Every error the user should
-see is one line on stderr and an exit status, mapped in ``run_config`` alone: 2 for
-what the user typed, 1 for a run that failed while training, 128 + N for a run stopped
-by signal N after writing its checkpoint. ``DZ_TRACEBACK=1`` shows the traceback.
+see is one line on stderr and an exit status (``runs/errors.py``: 2 for what the user
+typed, 1 for a run that failed while training, 128 + N for a run stopped by signal N
+after writing its checkpoint). ``DZ_TRACEBACK=1`` shows the traceback.
 """
 
-import os
 import sys
 from pathlib import Path
+
+from runs.errors import RunError, fail, input_errors, one_line, report
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 USAGE = "usage: python launcher.py [--backend local|modal] run_name=NAME [key=value ...]   (e.g. python launcher.py run_name=demo epochs=5)"
@@ -37,17 +38,6 @@ def split_backend(argv: list[str]) -> tuple[str, list[str]]:
     return backend, rest
 
 
-def fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-def one_line(err: BaseException) -> str:
-    from config_checks import one_line as fold
-
-    return fold(err)
-
-
 def validate_config(cfg) -> None:
     """``config_checks.validate_config``: every check of a composed config, before anything runs."""
     from config_checks import validate_config as validate
@@ -62,25 +52,15 @@ def compose(overrides: list[str]):
 
 
 def run_config(cfg) -> int:
-    """Validate and train (or evaluate) a composed config. Every error the user should see
-    becomes one line on stderr and its exit status here, and nowhere else: ``RunError``
-    carries its own (2: fix the input; 1: training failed; 128 + N: stopped by signal N);
-    a constructor's or a loader's ``ValueError`` / ``FileNotFoundError`` and an OmegaConf
-    error (a bad interpolation, a missing key) are input errors (2)."""
-    from omegaconf.errors import OmegaConfBaseException
-
+    """Validate and train (or evaluate) a composed config; any error the user should see
+    becomes one line and its exit status (``runs/errors.py``)."""
     import train
-    from runs.errors import RunError
 
     try:
         validate_config(cfg)
         train.run(cfg)
-    except KeyboardInterrupt:
-        return fail("interrupted; the last checkpoint written is kept", code=130)
-    except (RunError, ValueError, FileNotFoundError, NotADirectoryError, OmegaConfBaseException) as err:
-        if os.environ.get("DZ_TRACEBACK"):
-            raise
-        return fail(one_line(err), err.exit_code if isinstance(err, RunError) else 2)
+    except (KeyboardInterrupt, RunError, *input_errors()) as err:
+        return report(err)
     return 0
 
 
@@ -109,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from evaluation.stored_config import eval_checkpoint_config
-    from runs.errors import RunError
 
     try:
         if any(o.startswith("eval_checkpoint=") for o in overrides):
@@ -120,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = compose(overrides)
             OmegaConf.resolve(cfg)
     except RunError as err:
-        if os.environ.get("DZ_TRACEBACK"):
-            raise
-        return fail(one_line(err), err.exit_code)
+        return report(err)
     except (HydraException, OmegaConfBaseException) as err:
         message = one_line(err)
         if "Interpolation key 'dataloaders.data_shape." in message:  # an image model on dense data

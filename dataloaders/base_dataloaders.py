@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-# the inverse of make_unified_flow_matching_input lives with the model contract; re-exported here
 from models.unified_input import make_unified_flow_matching_input, straight_path
 from runs.build import instantiate_allowed
 from runs.machine import data_order_seed

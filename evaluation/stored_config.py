@@ -105,7 +105,7 @@ def stored_run_config(stored: dict, overrides: list[str], source: str, what: str
     """The config to use a stored run with (see the module docstring).
 
     Args:
-        stored: the run's resolved config, checked plain data (``models.checkpoint.stored_config``).
+        stored: the run's resolved config, checked plain data (``runs.checkpoint.stored_config``).
         overrides: the command line's Hydra overrides.
         source: names the file in messages.
         what: names the command in messages.

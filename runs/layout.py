@@ -6,6 +6,7 @@ Every path of a run is spelled here and nowhere else (docs/design.md, "Run files
     <output_dir>/ckpts/<arch>/archive/<run>_epoch_XXXX.pt     archived copies
     <output_dir>/ckpts/<arch>/archive/<run>_overwritten_STAMP.pt   the last.pt that overwrite=true replaced
     <output_dir>/runs/<run>/plots/epoch_XXXX.png              sample plots and grids
+    <output_dir>/runs/<run>/modal_config.yaml                 the config a Modal launch trains
     <output_dir>/eval/<run>/                                  eval_checkpoint results
     <output_dir>/export/<run>[_epoch_XXXX]/                   export folders (scripts/export.py)
 """
@@ -99,9 +100,15 @@ class RunLayout:
         the kernel when its process ends however it ends (kill -9 included), so a crashed
         run never leaves its lock stuck."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        handle = (self.run_dir / ".lock").open("a+")
+        path = self.run_dir / ".lock"
+        handle = path.open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # ``unlock`` removes the file: a launch that opened it just before that holds a
+            # lock on a file no longer there, which a later launch would not see. Only a
+            # lock on the file at the path counts.
+            if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+                raise BlockingIOError
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -168,8 +175,18 @@ class RunLayout:
         return own + archived
 
     @property
+    def outputs(self) -> Path:
+        """The run's files other than checkpoints (plots, the config a remote launch trains)."""
+        return self.output_dir / "runs" / self.run
+
+    @property
     def plots(self) -> Path:
-        return self.output_dir / "runs" / self.run / "plots"
+        return self.outputs / "plots"
+
+    @property
+    def remote_config(self) -> Path:
+        """The resolved config a Modal launch hands to ``launcher.py --from-config``."""
+        return self.outputs / "modal_config.yaml"
 
     def plot(self, epoch: int) -> Path:
         return self.plots / f"epoch_{epoch:04d}.png"

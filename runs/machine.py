@@ -13,8 +13,9 @@ from runs.errors import RunError, TrainingFailed
 
 DIST_TIMEOUT = timedelta(minutes=60)  # rank 0 may evaluate (FID) for long while the others wait
 
-# The run's random streams, each seeded from ``seed`` so none shifts another (docs/design.md,
-# "Exact resume"). A multiplier keeps (seed, epoch) and (seed + 1, epoch') apart.
+# The run's seeded streams besides the global RNG (docs/design.md, "Exact resume"). Each is a
+# generator of its own, so drawing from one never shifts another; the stride keeps the data
+# orders of (seed, epoch) and (seed + 1, epoch') apart.
 SEED_STRIDE = 1_000_003  # a prime above any epoch or step count: seed * SEED_STRIDE + epoch is unique
 REFERENCE_DRAW = 12345  # which held-out and reference samples evaluation compares against
 SAMPLE_NOISE = 777  # the noise evaluation samples from (the same at every evaluation)
@@ -57,6 +58,8 @@ def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -66,6 +69,8 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(state["python"]), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 @contextmanager
@@ -75,12 +80,15 @@ def rewound_rng(device: torch.device) -> Iterator[None]:
     the stream that exact resume depends on)."""
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
     try:
         yield
     finally:
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, device)
+        if mps_state is not None:
+            torch.mps.set_rng_state(mps_state)
 
 
 @contextmanager

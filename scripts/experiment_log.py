@@ -19,18 +19,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 from trackio.sqlite_storage import SQLiteStorage
 from trackio.utils import TRACKIO_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
+
+from runs import errors  # noqa: E402
 
 DEFAULT_PROJECT = "denoising-zoo"
 TODO = "_To be written by the researcher._"
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    """One line on stderr and the input's exit status (``runs/errors.py``)."""
+    raise SystemExit(errors.fail(message))
 
 
 def format_value(value: object) -> str:

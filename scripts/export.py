@@ -16,10 +16,10 @@ or ``<run name>_epoch_XXXX/`` for an archived epoch) gets
 
 Optimizer, scheduler and RNG states stay behind: an export is for sampling and
 evaluation, not for resuming. ``eval_checkpoint=FOLDER``, ``evaluation.sample`` and
-``models.checkpoint.load_model_from_checkpoint`` take the folder like a ``.pt`` file;
+``runs.stored.load_model_from_checkpoint`` take the folder like a ``.pt`` file;
 the model is rebuilt through the same allowlist and the weights are loaded strictly
 after their checksum is verified. An existing export is never replaced without
-``--force``. Every failure is one line on stderr and exit status 2.
+``--force``. Every failure is one line on stderr and exit status 2 (1 when the disk refuses the write).
 """
 
 from __future__ import annotations
@@ -32,15 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
 
-from config_checks import one_line, validate_config
+from config_checks import validate_config
 from evaluation.stored_config import stored_run_config
 from runs.checkpoint import read_checkpoint, stored_config
-from runs.errors import RunError
+from runs.errors import EXIT_FAILED, RunError, fail, input_errors, report
 from runs.export import EXPORT_KINDS, write_export
-from runs.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, LAST, RunLayout, ckpt_root, find_runs
+from runs.layout import DEFAULT_OUTPUT_DIR, EXPORT_CONFIG, EXPORT_WEIGHTS, LAST, RunLayout, ckpt_root, find_runs
 
 
 def find_checkpoint(run: str, output_dir: Path) -> Path:
@@ -88,22 +86,17 @@ def export(run: str, output_dir: Path, out: Path | None, weights: str, force: bo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="run name (its last.pt under --output-dir) or a checkpoint file")
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where runs live (default: outputs)")
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where runs live (default: outputs)")
     parser.add_argument("--out", type=Path, default=None, help="export folder (default: OUTPUT_DIR/export/RUN_NAME)")
     parser.add_argument("--weights", choices=EXPORT_KINDS, default="ema", help="which weights to export (default: ema)")
     parser.add_argument("--force", action="store_true", help="replace an existing export in the folder")
     args = parser.parse_args(argv)
     try:
         export(args.run, args.output_dir, args.out, args.weights, args.force)
-    except RunError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return err.exit_code
-    except (ValueError, HydraException, OmegaConfBaseException) as err:  # a constructor's or the config's own refusal
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
+    except (RunError, *input_errors()) as err:  # a constructor's or the config's own refusal included
+        return report(err)
     except OSError as err:  # an unwritable or full export folder
-        print(f"error: cannot write the export: {err}", file=sys.stderr)
-        return 2
+        return fail(f"cannot write the export: {err}", EXIT_FAILED)
     return 0
 
 

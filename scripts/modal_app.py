@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 from omegaconf import DictConfig, OmegaConf
 
+from runs.errors import fail
 from runs.layout import DEFAULT_OUTPUT_DIR, RunLayout, ckpt_root, find_runs, is_run_file, run_names
 from scripts.trackio_merge import MergeError, merge_trackio
 
@@ -179,7 +180,7 @@ def remote_train(cfg_dict: dict, gpu_count: int = 1, volume_name: str = "", volu
     cfg.output_dir = str(root / DEFAULT_OUTPUT_DIR)
     trackio_dir = root / "trackio"
     trackio_dir.mkdir(parents=True, exist_ok=True)
-    config_path = root / "outputs" / "runs" / cfg.run_name / "modal_config.yaml"
+    config_path = RunLayout.of(cfg).remote_config
     config_path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, config_path)
     in_container = not modal.is_local()
@@ -218,11 +219,11 @@ class RunSummary:
 
 def list_runs(root: Path) -> list[RunSummary]:
     """The runs under ``root/outputs/ckpts``: one per ``<arch>/<run>/last.pt``, by name."""
-    import torch
+    from runs.checkpoint import read_checkpoint
 
     runs = []
     for run in sorted(find_runs(root / VOLUME_CKPTS), key=lambda r: r.run):
-        state = torch.load(run.last, map_location="cpu", weights_only=True)
+        state = read_checkpoint(run.last)  # checked like any file from elsewhere
         size = sum(p.stat().st_size for p in run.files())
         runs.append(RunSummary(run.run, run.arch, int(state["epoch"]), int(state["step"]), size))
     return runs
@@ -329,13 +330,11 @@ def sync_trackio(volume: VolumeFiles, local: Path) -> list[str]:
 def launch_remote(cfg: DictConfig, overrides: list[str]) -> int:
     """``launcher.py --backend modal``: run ``cfg`` on Modal and stream its logs here."""
     if (reason := modal_unavailable()) is not None:
-        print(f"error: {reason}", file=sys.stderr)
-        return 2
+        return fail(reason)
     try:
         settings = modal_settings(cfg)
     except ModalAppError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
     built = build_app(cfg)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     print(f"Modal: app {settings.app_name}, {settings.gpu_spec}, volume {settings.volume}, timeout {settings.timeout}s "
@@ -365,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if (reason := modal_unavailable()) is not None:
-        print(f"error: {reason}", file=sys.stderr)
-        return 2
+        return fail(reason)
     settings = modal_settings()
     try:
         if args.command == "list":
@@ -386,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             lines = sync_trackio(ModalVolume(settings.volume), store)
             print("\n".join(lines) if lines else f"nothing new: {store} already has every run of volume {settings.volume}")
     except (ModalAppError, MergeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
     return 0
 
 

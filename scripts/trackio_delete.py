@@ -38,12 +38,18 @@ from trackio.api import Api, Run
 from trackio.sqlite_storage import SQLiteStorage
 from trackio.utils import TRACKIO_DIR, project_media_dir
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a file: imports are absolute from the repo root
+
+from runs import errors  # noqa: E402
+
 DEFAULT_PROJECT = "denoising-zoo"
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    """One line on stderr and the input's exit status (``runs/errors.py``)."""
+    raise SystemExit(errors.fail(message))
 
 
 def load_runs(project: str) -> list[Run]:
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.yes and not confirm(f"Delete these {len(chosen)} run(s)? [y/N] "):
         print("aborted: nothing deleted")
-        raise SystemExit(1)
+        raise SystemExit(errors.EXIT_FAILED)
     for run in chosen:
         if not run.delete():
             fail(f"trackio could not delete run {run.name!r} (id {run.id}); later matches were kept")

@@ -35,8 +35,8 @@ from runs.device_metrics import DeviceMonitor
 from runs.ema import EMASet
 from runs.errors import Preempted, RunError, TrainingFailed
 from runs.layout import RunLayout, resume_changes
-from runs.machine import check_ranks_agree, process_group, rank_reseed, resolve_device, rewound_rng, rng_state
-from runs.machine import seed_everything, set_rng_state, unwrap
+from runs.machine import check_ranks_agree, process_group, rank_reseed, rewound_rng, rng_state, seed_everything
+from runs.machine import set_rng_state, setup_machine, unwrap
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before they take a job's machine
@@ -68,16 +68,10 @@ def lr_lambda(warmup_steps: int, schedule: str, total_steps: int, min_lr_ratio: 
 class Trainer:
     def __init__(self, cfg: DictConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
         self.cfg, self.rank, self.world, self.is_main = cfg, rank, world, rank == 0
-        self.device = resolve_device(cfg.device)
-        if world > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", local_rank)  # one GPU per process, picked by torchrun
+        self.device = setup_machine(cfg, rank, world, local_rank)
         self.layout = RunLayout.of(cfg)
         resume_from = self.layout.start(cfg.resume, cfg.overwrite)  # refuses to clobber another run
         resume_state = read_checkpoint(resume_from, resume=True) if resume_from is not None else None
-        seed_everything(cfg.seed + rank)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         self.vae = build_vae(cfg.dataloaders, self.device)  # latent data: one VAE encodes (mode=images) and decodes
         self.train_set = make_dataset(cfg.dataloaders, "train", self.vae)
         if len(self.train_set) < cfg.batch_size * world:

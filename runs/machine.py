@@ -49,6 +49,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def setup_machine(cfg, rank: int = 0, world: int = 1, local_rank: int = 0) -> torch.device:
+    """The device of this process (under torchrun, CUDA's GPU ``local_rank``), its global RNG
+    seeded with ``seed + rank``, and CUDA's TF32 and cuDNN autotuning as the config says."""
+    device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    seed_everything(cfg.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    return device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

@@ -44,7 +44,7 @@ from scipy.stats import t as student_t
 
 from runs.checkpoint import read_checkpoint, write_text_atomic
 from runs.errors import RunError, report
-from runs.layout import find_runs, is_location
+from runs.layout import DEFAULT_OUTPUT_DIR, _flat, ckpt_root, find_runs, is_location
 
 METRICS = ("energy_distance", "fid")
 FLOOR = "eval/energy_distance_floor"
@@ -96,16 +96,6 @@ class Group:
     runs: list[Run]
 
 
-def flatten(node: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def is_setting(key: str) -> bool:
     return key.split(".")[0] not in NOT_SETTINGS and not is_location(key)
 
@@ -124,14 +114,14 @@ def interval(values: list[float]) -> tuple[float, float | None]:
 
 def find_checkpoints(patterns: list[str], output_dir: Path) -> list[tuple[str, Path]]:
     """(run name, last.pt) of every run matching one of ``patterns``; each must match one."""
-    ckpt_root = output_dir / "ckpts"
-    layouts = find_runs(ckpt_root)
+    root = ckpt_root(output_dir)
+    layouts = find_runs(root)
     found: dict[Path, str] = {}
     for pattern in patterns:
         matched = [layout for layout in layouts if layout.run == pattern or fnmatch.fnmatchcase(layout.run, pattern)]
         if not matched:
             known = ", ".join(sorted({layout.run for layout in layouts})[:20]) or "none"
-            raise RunError(f"no run matches {pattern!r} under {ckpt_root} (runs there: {known}): give run names or a "
+            raise RunError(f"no run matches {pattern!r} under {root} (runs there: {known}): give run names or a "
                            "quoted pattern such as 'cmp*', and --output-dir where the runs live")
         found |= {layout.last: layout.run for layout in matched}
     return sorted(((run, path) for path, run in found.items()), key=lambda item: (item[0], str(item[1])))
@@ -148,17 +138,16 @@ def numbers(node: object, what: str) -> dict[str, float]:
 
 
 def read_run(name: str, path: Path) -> Run:
-    state = read_checkpoint(path)  # one line for a missing, corrupt or hostile file
+    # One line for a missing, corrupt or hostile file; an older file comes upgraded (a format-1
+    # file without rows has an empty history: final numbers only).
+    state = read_checkpoint(path)
     config = state["config"]
-    if not isinstance(config, dict) or not all(isinstance(config.get(k), int) for k in ("seed", "epochs", "max_steps")):
+    if not all(isinstance(config.get(k), int) for k in ("seed", "epochs", "max_steps")):
         raise RunError(f"checkpoint {str(path)!r} stores no config with integer seed, epochs and max_steps: "
                        "expected a last.pt written by training")
-    config = flatten(config)
-    history = state.get("history", [])  # checkpoints from before the run record kept final numbers only
-    if not isinstance(history, list):
-        raise RunError(f"checkpoint {str(path)!r}: its history is a {type(history).__name__}: expected a list of rows")
-    history = [numbers(row, f"checkpoint {str(path)!r} history row {i}") for i, row in enumerate(history)]
-    metrics = numbers(state.get("metrics", {}), f"checkpoint {str(path)!r} metrics")
+    config = _flat(config)
+    history = [numbers(row, f"checkpoint {str(path)!r} history row {i}") for i, row in enumerate(state["history"])]
+    metrics = numbers(state["metrics"], f"checkpoint {str(path)!r} metrics")
     epochs, max_steps, step, epoch = config["epochs"], config["max_steps"], int(state["step"]), int(state["epoch"])
     if not (epoch >= epochs or (max_steps and step >= max_steps)):
         raise RunError(f"run {name!r} is unfinished (epoch {epoch} of epochs={epochs}, {path}): finish it with "
@@ -386,7 +375,7 @@ def compare(patterns: list[str], output_dir: Path, metric: str, out: Path | None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run name or quoted glob pattern of run names ('cmp*')")
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where runs live (default: outputs)")
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help=f"where runs live (default: {DEFAULT_OUTPUT_DIR})")
     parser.add_argument("--metric", choices=METRICS, default="energy_distance", help="the score (default: energy_distance)")
     parser.add_argument("--out", type=Path, default=None, help="folder for report.md and the figures (default: print only)")
     args = parser.parse_args(argv)

@@ -18,6 +18,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from runs.layout import RunLayout
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 LAUNCHER = REPO / "launcher.py"
@@ -117,6 +119,11 @@ def tree_hashes(*roots: Path) -> dict[str, str]:
     }
 
 
+def run_layout(output_dir: Path, run: str, arch: str = "mlp") -> RunLayout:
+    """Where run ``run`` keeps its files under ``output_dir`` (tests ask ``runs.layout``, never spell a path)."""
+    return RunLayout(Path(output_dir), arch, run)
+
+
 @dataclass
 class TrainedRun:
     """A finished 4-epoch tiny run: checkpoints, plots and a trackio record."""
@@ -128,11 +135,15 @@ class TrainedRun:
     stdout: str
 
     @property
+    def layout(self) -> RunLayout:
+        return run_layout(self.output_dir, self.run_name)
+
+    @property
     def last(self) -> Path:
-        return self.output_dir / "ckpts" / "mlp" / self.run_name / "last.pt"
+        return self.layout.last
 
     def archive(self, epoch: int) -> Path:
-        return self.output_dir / "ckpts" / "mlp" / "archive" / f"{self.run_name}_epoch_{epoch:04d}.pt"
+        return self.layout.archive(epoch)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from runs.build import build_model, instantiate_allowed
 from runs.checkpoint import read_checkpoint, save_checkpoint
 from runs.errors import CheckpointError, RunError
+from runs.layout import ckpt_root
 from runs.stored import load_model_from_checkpoint
-from tests.conftest import TINY_OVERRIDES, compose_train, launch
+from tests.conftest import TINY_OVERRIDES, compose_train, launch, run_layout
 
 
 def tiny_state(seed: int = 0) -> dict:
@@ -116,7 +117,7 @@ def test_the_launcher_refuses_with_one_line_and_exit_2(tmp_path, kind):
         state["config"]["model"] = hostile_models(tmp_path)["torch_load"]
         save_checkpoint(state, path)
     else:
-        path = tmp_path / "ckpts"
+        path = ckpt_root(tmp_path)  # the folder of every run, given where a file is expected
         path.mkdir()
     result = launch([f"eval_checkpoint={path}", f"output_dir={tmp_path / 'out'}", "device=cpu"], cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
@@ -128,7 +129,7 @@ def test_the_launcher_refuses_with_one_line_and_exit_2(tmp_path, kind):
 
 def test_the_project_classes_still_build_from_composed_and_stored_configs(tmp_path):
     state = tiny_state()
-    model, cfg, _ = load_model_from_checkpoint(saved(state, tmp_path / "last.pt"))
+    model, cfg, _ = load_model_from_checkpoint(saved(state, run_layout(tmp_path, "test").last))
     assert type(model).__name__ == "MLP" and cfg.model.hidden == 32
     z = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     expected = build_model(state["config"]["model"])
@@ -195,7 +196,7 @@ def payload_offset(path: Path, member_suffix: str) -> tuple[str, int]:
 
 
 def test_a_flipped_byte_in_a_tensor_is_found(tmp_path):
-    path = tmp_path / "last.pt"
+    path = run_layout(tmp_path, "test").last
     save_checkpoint(tiny_state(), path)
     assert read_checkpoint(path)["step"] == 24  # intact: loads
     member, offset = payload_offset(path, "/data/0")
@@ -239,7 +240,7 @@ def test_a_directory_is_named_as_a_directory(tmp_path):
 
 
 def test_a_damaged_central_directory_is_one_line(tmp_path):
-    path = tmp_path / "last.pt"
+    path = run_layout(tmp_path, "test").last
     save_checkpoint(tiny_state(), path)
     raw = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:

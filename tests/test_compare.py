@@ -13,7 +13,7 @@ from PIL import Image
 
 import launcher
 from scripts.compare import Run, group_runs, interval, main
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, run_layout
 
 # t(0.975, dof) from a printed table (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
 T975 = {1: 12.706, 2: 4.303, 4: 2.776}
@@ -34,7 +34,7 @@ def sweep(tmp_path_factory) -> Path:
 
 
 def stored(output_dir: Path, run: str) -> dict:
-    return torch.load(output_dir / "ckpts" / "mlp" / run / "last.pt", weights_only=True)
+    return torch.load(run_layout(output_dir, run).last, weights_only=True)
 
 
 def table_rows(text: str) -> dict[str, dict[str, str]]:
@@ -113,9 +113,9 @@ def test_one_run_shows_its_value_and_n1(sweep, capsys):
 
 
 def copy_run(sweep: Path, root: Path, run: str, name: str) -> Path:
-    target = root / "ckpts" / "mlp" / name / "last.pt"
+    target = run_layout(root, name).last
     target.parent.mkdir(parents=True)
-    shutil.copy(sweep / "ckpts" / "mlp" / run / "last.pt", target)
+    shutil.copy(run_layout(sweep, run).last, target)
     return target
 
 

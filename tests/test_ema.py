@@ -9,7 +9,7 @@ from torch import nn
 
 from runs.checkpoint import read_checkpoint
 from runs.ema import EMA, EMASet
-from tests.conftest import TINY_OVERRIDES, last_line, launch
+from tests.conftest import TINY_OVERRIDES, last_line, launch, run_layout
 
 
 def test_every_ema_follows_its_own_decay():
@@ -43,24 +43,25 @@ def test_run_logs_each_ema_and_the_raw_weights_and_eval_checkpoint_picks_one(tmp
     common = [*TINY_OVERRIDES, "epochs=2", f"output_dir={out}", "ema.decays=[0.9,0.5]", "eval.raw_weights=true"]
     result = launch(["run_name=emas", *common], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    state = read_checkpoint(out / "ckpts" / "mlp" / "emas" / "last.pt")
+    run, evaluated = run_layout(out, "emas"), run_layout(tmp_path / "eval", "emas")
+    state = read_checkpoint(run.last)
     assert set(state["emas"]) == {"0.5"}  # 0.9 is the main one (ema.decay=0.9 in the tiny config)
     metrics = state["metrics"]
     for prefix in ("eval", "eval_ema0.5", "eval_raw"):
         assert metrics[f"{prefix}/energy_distance"] > 0
     assert len({metrics["eval/energy_distance"], metrics["eval_ema0.5/energy_distance"], metrics["eval_raw/energy_distance"]}) == 3
 
-    picked = launch([f"eval_checkpoint={out / 'ckpts' / 'mlp' / 'emas' / 'last.pt'}", "eval.weights=0.5", "device=cpu",
+    picked = launch([f"eval_checkpoint={run.last}", "eval.weights=0.5", "device=cpu",
                      f"output_dir={tmp_path / 'eval'}"], cwd=tmp_path)
     assert picked.returncode == 0, picked.stderr[-2000:]
-    (written,) = (tmp_path / "eval" / "eval" / "emas").glob("epoch_0002_0.5_*.json")
+    (written,) = evaluated.eval_dir.glob("epoch_0002_0.5_*.json")
     assert json.loads(written.read_text())["eval/energy_distance"] == pytest.approx(metrics["eval_ema0.5/energy_distance"], rel=1e-9)
-    raw = launch([f"eval_checkpoint={out / 'ckpts' / 'mlp' / 'emas' / 'last.pt'}", "eval.weights=raw", "device=cpu",
+    raw = launch([f"eval_checkpoint={run.last}", "eval.weights=raw", "device=cpu",
                   f"output_dir={tmp_path / 'eval'}"], cwd=tmp_path)
-    (written,) = (tmp_path / "eval" / "eval" / "emas").glob("epoch_0002_raw_*.json")
+    (written,) = evaluated.eval_dir.glob("epoch_0002_raw_*.json")
     assert raw.returncode == 0 and json.loads(written.read_text())["eval/energy_distance"] == pytest.approx(
         metrics["eval_raw/energy_distance"], rel=1e-9)
-    missing = launch([f"eval_checkpoint={out / 'ckpts' / 'mlp' / 'emas' / 'last.pt'}", "eval.weights=0.7", "device=cpu",
+    missing = launch([f"eval_checkpoint={run.last}", "eval.weights=0.7", "device=cpu",
                       f"output_dir={tmp_path / 'eval'}"], cwd=tmp_path)
     assert missing.returncode == 2 and last_line(missing.stderr).startswith("error: eval.weights=0.7") and "0.5" in last_line(missing.stderr)
 

@@ -16,7 +16,7 @@ from evaluation.sample import load_checkpoint_model
 from runs.checkpoint import read_checkpoint, save_checkpoint
 from runs.errors import CheckpointError
 from runs.export import load_model_from_export, weights_digest
-from runs.layout import RunLayout
+from runs.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, RunLayout
 from runs.stored import load_model_from_checkpoint
 from scripts.export import main as export_main
 from tests.conftest import REPO, launch
@@ -46,9 +46,9 @@ def outputs(model: torch.nn.Module) -> torch.Tensor:
 
 def test_export_reloads_the_ema_model(run, capsys):
     code, out, _ = export(capsys, "test", "--output-dir", run.output_dir)
-    folder = run.output_dir / "export" / "test"
+    folder = run.export_dir()
     assert code == 0 and str(folder) in out
-    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(folder.iterdir()) == sorted([folder / EXPORT_CONFIG, folder / EXPORT_WEIGHTS])
     exported, cfg, info = load_model_from_checkpoint(folder)
     original, saved_cfg, state = load_model_from_checkpoint(run.last)
     for name, tensor in original.state_dict().items():
@@ -57,7 +57,7 @@ def test_export_reloads_the_ema_model(run, capsys):
     assert info["epoch"] == state["epoch"] == 3 and info["step"] == state["step"] == 24 and info["weights"] == "ema"
     assert info["weights_sha256"] == weights_digest(state["ema"])
     assert OmegaConf.to_container(cfg) == OmegaConf.to_container(saved_cfg)
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
+    with safe_open(folder / EXPORT_WEIGHTS, framework="pt") as f:
         assert f.metadata()["run_name"] == "test" and f.metadata()["source"] == str(run.last)
     # The samplers' loader takes the folder too.
     sampler_model, _ = load_checkpoint_model(str(folder))
@@ -78,14 +78,14 @@ def test_archived_epochs_and_run_folders(run, capsys):
     archive.parent.mkdir(parents=True)
     archive.write_bytes(run.last.read_bytes())
     assert export(capsys, archive, "--output-dir", run.output_dir)[0] == 0
-    assert load_model_from_export(run.output_dir / "export" / "test_epoch_0003")[2]["epoch"] == 3
+    assert load_model_from_export(run.export_dir(3))[2]["epoch"] == 3
     assert export(capsys, run.run_dir, "--output-dir", run.output_dir)[0] == 0  # the folder of last.pt
-    assert (run.output_dir / "export" / "test" / "model.safetensors").is_file()
+    assert (run.export_dir() / EXPORT_WEIGHTS).is_file()
 
 
 def test_an_export_is_never_replaced_without_force(run, capsys):
     assert export(capsys, "test", "--output-dir", run.output_dir)[0] == 0
-    weights = run.output_dir / "export" / "test" / "model.safetensors"
+    weights = run.export_dir() / EXPORT_WEIGHTS
     before = weights.read_bytes()
     code, _, err = export(capsys, "test", "--output-dir", run.output_dir, "--weights", "raw")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--force" in err, err
@@ -100,26 +100,26 @@ def test_unknown_runs_and_bad_paths_are_one_line(run, tmp_path, capsys):
     assert code == 2 and "no run 'nope'" in err and "runs there: test" in err and len(err.strip().splitlines()) == 1
     code, _, err = export(capsys, tmp_path / "absent.pt")
     assert code == 2 and "does not exist" in err
-    assert not (tmp_path / "outputs" / "export").exists()
+    assert not run.export_dir().parent.exists()
 
 
 def write_config_and_checksum(folder: Path, text: str) -> None:
     """Replace an export's config.yaml and the checksum that covers it, as someone who
     knows the format can: the checksum finds accidents, the allowlist stops intent."""
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
+    with safe_open(folder / EXPORT_WEIGHTS, framework="pt") as f:
         metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in list(f.keys())}
-    (folder / "config.yaml").write_text(text)
+    (folder / EXPORT_CONFIG).write_text(text)
     metadata["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    save_file(tensors, folder / "model.safetensors", metadata=metadata)
+    save_file(tensors, folder / EXPORT_WEIGHTS, metadata=metadata)
 
 
 def test_a_tampered_export_is_refused(run, tmp_path, capsys):
     folder = tmp_path / "export"
     assert export(capsys, run.last, "--out", folder)[0] == 0
-    config_text = (folder / "config.yaml").read_text()
+    config_text = (folder / EXPORT_CONFIG).read_text()
 
     # config.yaml changed after export: its checksum no longer matches.
-    (folder / "config.yaml").write_text(config_text.replace("hidden: 32", "hidden: 33"))
+    (folder / EXPORT_CONFIG).write_text(config_text.replace("hidden: 32", "hidden: 33"))
     with pytest.raises(CheckpointError, match="config.yaml does not match the checksum") as info:
         load_model_from_checkpoint(folder)
     assert "\n" not in str(info.value)
@@ -141,17 +141,17 @@ def test_a_tampered_export_is_refused(run, tmp_path, capsys):
     # Changed weight bytes: the checksum in the metadata no longer matches.
     write_config_and_checksum(folder, config_text)
     assert load_model_from_checkpoint(folder)[2]["step"] == 24
-    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw = bytearray((folder / EXPORT_WEIGHTS).read_bytes())
     raw[-3] ^= 0x01  # the last tensor's bytes
-    (folder / "model.safetensors").write_bytes(bytes(raw))
+    (folder / EXPORT_WEIGHTS).write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="checksum"):
         load_model_from_checkpoint(folder)
 
     # Not safetensors at all, and a folder with only one of the two files.
-    (folder / "model.safetensors").write_bytes(b"\x00" * 40)
+    (folder / EXPORT_WEIGHTS).write_bytes(b"\x00" * 40)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_model_from_checkpoint(folder)
-    (folder / "config.yaml").unlink()
+    (folder / EXPORT_CONFIG).unlink()
     with pytest.raises(CheckpointError, match="has no config.yaml"):
         load_model_from_checkpoint(folder)
 
@@ -161,7 +161,7 @@ def test_export_script_and_eval_checkpoint_on_the_folder(run, tmp_path):
     script = [sys.executable, str(REPO / "scripts" / "export.py"), "test", "--output-dir", str(run.output_dir)]
     result = subprocess.run(script, check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
-    folder = run.output_dir / "export" / "test"
+    folder = run.export_dir()
     evaluated = launch([f"eval_checkpoint={folder}", f"output_dir={tmp_path / 'eval_out'}", "device=cpu"], cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "energy_distance" in evaluated.stdout
@@ -173,7 +173,7 @@ def test_eval_of_an_export_evaluates_and_names_the_weights_it_holds(run, tmp_pat
     args = [f"eval_checkpoint={tmp_path / 'raw'}", f"output_dir={tmp_path / 'out'}", "device=cpu", "eval.num_samples=100"]
     assert launcher.main(args) == 0
     out = capsys.readouterr().out
-    (written,) = (tmp_path / "out" / "eval" / "test").glob("*.json")
+    (written,) = RunLayout(tmp_path / "out", run.arch, run.run).eval_dir.glob("*.json")
     assert written.name.startswith("epoch_0003_raw_") and "weights: raw" in out
     assert launcher.main([*args, "eval.weights=ema"]) == 2
     assert "is an export of the raw weights only" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from runs.errors import CheckpointError
 from runs.export import write_export
 from runs.layout import LOCATION_KEYS
 from scripts.export import main as export_main
-from tests.conftest import LAUNCHER, TINY_OVERRIDES, compose_train, launch, launcher_env, tree_hashes
+from tests.conftest import LAUNCHER, TINY_OVERRIDES, compose_train, launch, launcher_env, run_layout, tree_hashes
 from tests.test_checkpoint_safety import WritesMarker, tiny_state
 from tests.test_image_data import write_cifar
 
@@ -166,7 +166,7 @@ def test_the_checkpoint_is_evaluated_on_this_machines_data(tmp_path, shared, run
     write_cifar(tmp_path / "user" / "data", per_batch=10)
     result = run([f"eval_checkpoint={shared}", f"output_dir={tmp_path / 'out'}", "device=cpu"], tmp_path / "user")
     assert result.returncode == 0, result.stderr
-    (written,) = (tmp_path / "out" / "eval" / "shared").glob("*.json")
+    (written,) = run_layout(tmp_path / "out", "shared", arch="cnn").eval_dir.glob("*.json")
     assert json.loads(written.read_text())["eval/nfe"] == 2.0  # the stored evaluation settings
     assert not (tmp_path / "MARKER").exists()
 
@@ -215,7 +215,7 @@ def test_a_stored_data_set_this_machine_does_not_build_so_is_refused(tmp_path, r
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("small") / "last.pt"
+    path = run_layout(tmp_path_factory.mktemp("small"), "test").last
     state = tiny_state()
     state["config"]["eval"] |= {"num_samples": 100, "repeats": 2, "steps": 10, "plot": False}
     save_checkpoint(state, path)
@@ -285,7 +285,7 @@ def test_a_save_that_cannot_be_written_keeps_last_pt_and_leaves_no_temporary_fil
     args = [*TINY_OVERRIDES, "model.hidden=256", "eval.plot=false", "run_name=full", f"output_dir={out}"]
     first = launch([*args, "epochs=1"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    last = out / "ckpts" / "mlp" / "full" / "last.pt"
+    last = run_layout(out, "full").last
     before = last.read_bytes()
     # The resumed run's save is larger than the limit: as a full disk, the write fails.
     result = subprocess.run([sys.executable, str(LAUNCHER), *args, "epochs=2", "resume=true"], cwd=tmp_path,
@@ -295,7 +295,7 @@ def test_a_save_that_cannot_be_written_keeps_last_pt_and_leaves_no_temporary_fil
     assert result.returncode == 1, result.stderr
     assert lines[-1].startswith("error: cannot write") and "the previous last.pt is intact" in lines[-1], lines[-1]
     assert last.read_bytes() == before
-    assert sorted(p.name for p in last.parent.iterdir() if p.name != ".lock") == ["last.pt"]
+    assert sorted(p.name for p in last.parent.iterdir() if p.name != ".lock") == [last.name]
 
 
 # ---------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ def test_export_of_a_good_run_still_works_and_leaves_data_locations_to_the_evalu
     assert trained.returncode == 0, trained.stderr
     exported = run(["pts", "--output-dir", out], tmp_path, export=True)
     assert exported.returncode == 0, exported.stderr
-    folder = out / "export" / "pts"
+    folder = run_layout(out, "pts").export_dir()
     without = run([f"eval_checkpoint={folder}", f"output_dir={out}", "device=cpu"], tmp_path)
     assert without.returncode == 2 and "dataloaders.dataset.path is required" in without.stderr, without.stderr
     evaluated = run([f"eval_checkpoint={folder}", f"output_dir={out}", "device=cpu", f"dataloaders.dataset.path={points}"],

@@ -20,7 +20,7 @@ from runs.checkpoint import read_checkpoint, save_checkpoint
 from runs.errors import CheckpointWriteError, RunError
 from runs.layout import RunLayout
 from runs.stored import load_model_from_checkpoint
-from tests.conftest import REPO, TrainedRun, launch, launcher_env, tree_hashes
+from tests.conftest import REPO, TrainedRun, launch, launcher_env, run_layout, tree_hashes
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,11 @@ def by_epoch(logs: list[dict]) -> dict[int, dict]:
     return {int(row["epoch"]): row for row in logs if "epoch" in row}
 
 
+def temporary(path: Path) -> Path:
+    """Where a save writes ``path`` before renaming it into place (runs/checkpoint.py)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 # ---------------------------------------------------------------------------------
 # A short real run
 # ---------------------------------------------------------------------------------
@@ -60,13 +65,13 @@ def test_run_writes_checkpoints_and_plots(trained_run: TrainedRun):
     assert state["epoch"] == 4 and state["step"] == 4 * 8  # 512 samples / batch 64 = 8 steps an epoch
     assert state["config"]["run_name"] == "straight" and isinstance(state["config"], dict)
 
-    archives = sorted(p.name for p in trained_run.archive(2).parent.iterdir())
-    assert archives == ["straight_epoch_0002.pt", "straight_epoch_0004.pt"]  # archive_every_epochs=2
+    archives = sorted(trained_run.layout.archive_dir.iterdir())
+    assert archives == [trained_run.archive(2), trained_run.archive(4)]  # archive_every_epochs=2
     assert read_checkpoint(trained_run.archive(2))["epoch"] == 2
     assert not list(trained_run.output_dir.rglob("*.tmp*")), "a temporary file was left behind"
 
-    plots = sorted((trained_run.output_dir / "runs" / "straight" / "plots").iterdir())
-    assert [p.name for p in plots] == [f"epoch_{e:04d}.png" for e in (1, 2, 3, 4)]
+    plots = sorted(trained_run.layout.plots.iterdir())
+    assert plots == [trained_run.layout.plot(e) for e in (1, 2, 3, 4)]
     with Image.open(plots[-1]) as image:
         assert image.format == "PNG" and image.size[0] > 100
 
@@ -106,7 +111,7 @@ def test_resume_is_bit_exact(trained_run: TrainedRun, tmp_path):
     assert "epochs 3..4" in second.stdout
 
     straight = torch.load(trained_run.last, map_location="cpu", weights_only=True)
-    resumed = torch.load(out / "ckpts" / "mlp" / "split" / "last.pt", map_location="cpu", weights_only=True)
+    resumed = torch.load(run_layout(out, "split").last, map_location="cpu", weights_only=True)
     assert (resumed["epoch"], resumed["step"]) == (straight["epoch"], straight["step"])
     for part in ("model", "ema"):
         assert straight[part].keys() == resumed[part].keys()
@@ -133,7 +138,7 @@ def test_eval_checkpoint_reproduces_the_logged_numbers(trained_run: TrainedRun, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert tree_hashes(trained_run.output_dir) == before  # evaluation writes only under its own output_dir
 
-    (written_path,) = (tmp_path / "out" / "eval" / "straight").glob("epoch_0002_*.json")
+    (written_path,) = run_layout(tmp_path / "out", trained_run.run_name).eval_dir.glob("epoch_0002_*.json")
     written = json.loads(written_path.read_text())
     assert written["epoch"] == 2 and written["step"] == 16 and written["run_name"] == "straight"
     logged = by_epoch(read_trackio(trained_run.trackio_dir, "straight")["logs"])[2]
@@ -152,8 +157,7 @@ def test_eval_checkpoint_reproduces_the_logged_numbers(trained_run: TrainedRun, 
 def test_train_run_in_process(cfg_train):
     metrics = train.run(cfg_train)
     assert metrics["epoch"] == 2 and math.isfinite(metrics["eval/energy_distance"])
-    last = Path(cfg_train.output_dir) / "ckpts" / "mlp" / "test" / "last.pt"
-    assert read_checkpoint(last)["step"] == 16
+    assert read_checkpoint(RunLayout.of(cfg_train).last)["step"] == 16
 
 
 # ---------------------------------------------------------------------------------
@@ -166,7 +170,7 @@ def small_state(step: int) -> dict:
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    last = tmp_path / "run" / "last.pt"
+    last = run_layout(tmp_path, "run").last
     save_checkpoint(small_state(1), last)
     good = tree_hashes(last.parent)
     real_open = Path.open
@@ -192,7 +196,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         return HalfWriter(f) if "w" in mode else f
 
     monkeypatch.setattr(Path, "open", open_half)
-    with pytest.raises(CheckpointWriteError, match="No space left on device.*the previous last.pt is intact") as info:
+    with pytest.raises(CheckpointWriteError, match=f"No space left on device.*the previous {last.name} is intact") as info:
         save_checkpoint(small_state(2), last)
     monkeypatch.undo()
     assert "\n" not in str(info.value) and info.value.exit_code == 1  # one line; training failed, not the input
@@ -202,14 +206,14 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     save_checkpoint(small_state(3), last)  # the next save goes through
     assert read_checkpoint(last)["step"] == 3
-    assert [p.name for p in last.parent.iterdir()] == ["last.pt"]
+    assert list(last.parent.iterdir()) == [last]
 
 
 KEEP_SAVING = """
 import sys, torch
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from models.checkpoint import save_checkpoint
+from runs.checkpoint import save_checkpoint
 path = Path(sys.argv[1])
 for step in range(10**6):
     save_checkpoint({"model": {"w": torch.full((4_000_000,), float(step))}, "ema": {}, "step": step, "epoch": step,
@@ -220,11 +224,11 @@ for step in range(10**6):
 
 def test_killed_writer_leaves_a_loadable_checkpoint(tmp_path):
     """SIGKILL a process that rewrites a 16 MB checkpoint in a loop, mid-write."""
-    last = tmp_path / "last.pt"
+    last = run_layout(tmp_path, "run").last
     proc = subprocess.Popen([sys.executable, "-c", KEEP_SAVING, str(last), str(REPO)], stdout=subprocess.PIPE, text=True)
     for _ in range(3):  # let it finish a few saves, then kill it while the next one is being written
         assert proc.stdout.readline(), "the writer died"
-    while not (tmp_path / ".last.pt.tmp").exists():  # a save is under way (it writes 16 MB before the rename)
+    while not temporary(last).exists():  # a save is under way (it writes 16 MB before the rename)
         assert proc.poll() is None, "the writer died"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -234,10 +238,9 @@ def test_killed_writer_leaves_a_loadable_checkpoint(tmp_path):
 
 def test_resume_ignores_a_stray_temp_file(cfg_train):
     """Only last.pt counts: a leftover temporary file is not resumed from."""
-    run_dir = Path(cfg_train.output_dir) / "ckpts" / "mlp" / "test"
-    run_dir.mkdir(parents=True)
-    save_checkpoint(small_state(1), run_dir / "last.pt")
-    (run_dir / "last.pt").rename(run_dir / ".last.pt.tmp")
+    last = RunLayout.of(cfg_train).last
+    save_checkpoint(small_state(1), last)
+    last.rename(temporary(last))
     with open_dict(cfg_train):
         cfg_train.resume = True
     with pytest.raises(RunError, match="has no checkpoint"):
@@ -250,16 +253,16 @@ def test_claim_removes_the_temporary_files_of_killed_saves(tmp_path, first_save)
     this run's, once it holds the lock, and nobody else's."""
     layout, other = RunLayout(tmp_path, "mlp", "run"), RunLayout(tmp_path, "mlp", "run2")
     layout.run_dir.mkdir(parents=True)
-    (layout.run_dir / ".last.pt.tmp").write_bytes(b"half a checkpoint")
+    temporary(layout.last).write_bytes(b"half a checkpoint")
     layout.archive_dir.mkdir(parents=True)
-    (layout.archive_dir / ".run_epoch_0002.pt.tmp").write_bytes(b"half an archive")
-    (other.archive_dir / ".run2_epoch_0002.pt.tmp").write_bytes(b"another run's save, under way")
+    temporary(layout.archive(2)).write_bytes(b"half an archive")
+    temporary(other.archive(2)).write_bytes(b"another run's save, under way")
     if not first_save:
         save_checkpoint(small_state(1), layout.last)
     handle = layout.claim(resume=not first_save, overwrite=False, trackio=False)
     try:
-        assert sorted(p.name for p in layout.run_dir.iterdir()) == [".lock", *([] if first_save else ["last.pt"])]
-        assert sorted(p.name for p in layout.archive_dir.iterdir()) == [".run2_epoch_0002.pt.tmp"]
+        assert sorted(layout.run_dir.iterdir()) == [layout.run_dir / ".lock", *([] if first_save else [layout.last])]
+        assert list(layout.archive_dir.iterdir()) == [temporary(other.archive(2))]
     finally:
         layout.unlock(handle)
     assert not first_save or not layout.last.exists()
@@ -272,19 +275,20 @@ def test_claim_refused_under_the_lock_releases_it(tmp_path):
     save_checkpoint(small_state(1), layout.last)
     with pytest.raises(RunError, match="already has"):
         layout.claim(resume=False, overwrite=False, trackio=False)
-    assert sorted(p.name for p in layout.run_dir.iterdir()) == ["last.pt"]
+    assert list(layout.run_dir.iterdir()) == [layout.last]
     layout.unlock(layout.claim(resume=True, overwrite=False, trackio=False))  # and the run can be claimed again
 
 
-@pytest.mark.parametrize("blocked", ["outputs", "outputs/runs"])
+@pytest.mark.parametrize("blocked", ["output_dir", "plots_root"])
 def test_claim_on_an_unwritable_output_dir_leaves_no_folder(tmp_path, blocked):
-    """A file where output_dir (or its runs/ folder, made after ckpts/) should be: refused,
-    and the folders made before the failure are removed again."""
-    if blocked == "outputs/runs":
-        (tmp_path / "outputs").mkdir()
-    (tmp_path / blocked).write_text("a file where a folder should be\n")
-    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    """A file where output_dir (or the folder of every run's plots, made after the
+    checkpoint folders) should be: refused, and the folders made before the failure are
+    removed again."""
     layout = RunLayout(tmp_path / "outputs", "mlp", "run")
+    where = layout.output_dir if blocked == "output_dir" else layout.outputs.parent
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.write_text("a file where a folder should be\n")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     with pytest.raises(RunError, match="cannot write"):
         layout.claim(resume=False, overwrite=False, trackio=False)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before

@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 import launcher
+from runs.layout import DEFAULT_OUTPUT_DIR, RunLayout
 from scripts import modal_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +108,8 @@ def test_defaults_come_from_configs_modal_default_yaml():
 
 
 def test_source_upload_leaves_out_outputs_venv_git_and_data():
-    for skipped in ["outputs/ckpts/mlp/a/last.pt", ".venv/bin/python", ".git/HEAD", "data/cifar-10-batches-py/data_batch_1",
-                    "models/__pycache__/ema.cpython-311.pyc", "train.pyc"]:
+    for skipped in [RunLayout(DEFAULT_OUTPUT_DIR, "mlp", "a").last, ".venv/bin/python", ".git/HEAD",
+                    "data/cifar-10-batches-py/data_batch_1", "models/__pycache__/ema.cpython-311.pyc", "train.pyc"]:
         assert modal_app.ignored(Path(skipped)), skipped
     for kept in ["train.py", "configs/train.yaml", "models/ema.py", "scripts/modal_app.py", "pyproject.toml", "dataloaders/cifar10.py"]:
         assert not modal_app.ignored(Path(kept)), kept
@@ -145,11 +146,11 @@ def test_remote_function_body_trains_into_the_volume(tmp_path, gpus):
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
     outcome = json.loads(line.removeprefix("RESULT "))
-    assert outcome == {"returncode": 0, "checkpoint": f"outputs/ckpts/mlp/{name}/last.pt"}
+    assert outcome == {"returncode": 0, "checkpoint": str(RunLayout(DEFAULT_OUTPUT_DIR, "mlp", name).last)}
     state = torch.load(volume / outcome["checkpoint"], weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * 512 // (64 * gpus)
     assert state["config"]["output_dir"] == str(volume / "outputs")
-    assert (volume / "outputs" / "runs" / name / "modal_config.yaml").is_file()
+    assert RunLayout(volume / DEFAULT_OUTPUT_DIR, "mlp", name).remote_config.is_file()
 
     read = textwrap.dedent(f"""
         from trackio.sqlite_storage import SQLiteStorage
@@ -163,9 +164,10 @@ def test_remote_function_body_trains_into_the_volume(tmp_path, gpus):
     assert (summary.name, summary.arch, summary.epoch, summary.step) == (name, "mlp", 2, state["step"])
     assert summary.size_bytes >= (volume / outcome["checkpoint"]).stat().st_size
 
-    dest = tmp_path / "home_ckpts"
+    home = RunLayout(tmp_path / "home", "mlp", name)
+    dest = home.ckpt_root
     fetched = modal_app.fetch_run(modal_app.FolderVolume(volume), name, dest)
-    assert fetched == [dest / "mlp" / name / "last.pt"]
+    assert fetched == [home.last]
     assert torch.load(fetched[0], weights_only=True)["step"] == state["step"]
     with pytest.raises(modal_app.ModalAppError, match="already exists"):
         modal_app.fetch_run(modal_app.FolderVolume(volume), name, dest)
@@ -173,20 +175,21 @@ def test_remote_function_body_trains_into_the_volume(tmp_path, gpus):
 
 def test_fetch_picks_one_run_and_refuses_to_overwrite(tmp_path):
     volume = tmp_path / "vol"
-    files = ["outputs/ckpts/mlp/a/last.pt", "outputs/ckpts/mlp/ab/last.pt", "outputs/ckpts/mlp/archive/a_epoch_0010.pt",
-             "outputs/ckpts/mlp/archive/ab_epoch_0010.pt", "outputs/ckpts/unet/a/last.pt", "outputs/runs/a/plots/x.png"]
+    a, ab, unet_a = (RunLayout(volume / DEFAULT_OUTPUT_DIR, arch, run) for arch, run in (("mlp", "a"), ("mlp", "ab"), ("unet", "a")))
+    files = [a.last, ab.last, a.archive(10), ab.archive(10), unet_a.last, a.plots / "x.png"]
     for i, f in enumerate(files):
-        (volume / f).parent.mkdir(parents=True, exist_ok=True)
-        (volume / f).write_bytes(bytes([i]))
-    dest = tmp_path / "ckpts"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(bytes([i]))
+    local = RunLayout(tmp_path, "mlp", "a")
+    dest = local.ckpt_root
     got = modal_app.fetch_run(modal_app.FolderVolume(volume), "a", dest)
-    assert sorted(p.relative_to(dest).as_posix() for p in got) == ["mlp/a/last.pt", "mlp/archive/a_epoch_0010.pt", "unet/a/last.pt"]
-    assert (dest / "mlp" / "a" / "last.pt").read_bytes() == bytes([0])
-    (dest / "mlp" / "a" / "last.pt").write_bytes(b"local")
+    assert sorted(got) == sorted([local.last, local.archive(10), RunLayout(tmp_path, "unet", "a").last])
+    assert local.last.read_bytes() == bytes([0])
+    local.last.write_bytes(b"local")
     with pytest.raises(modal_app.ModalAppError, match="already exists"):
         modal_app.fetch_run(modal_app.FolderVolume(volume), "a", dest)
-    assert (dest / "mlp" / "a" / "last.pt").read_bytes() == b"local"
-    assert not (dest / "mlp" / "ab").exists()
+    assert local.last.read_bytes() == b"local"
+    assert not RunLayout(tmp_path, "mlp", "ab").run_dir.exists()
     with pytest.raises(modal_app.ModalAppError, match=r"run 'zz' has no checkpoints on the volume \(runs there: a, ab\)"):
         modal_app.fetch_run(modal_app.FolderVolume(volume), "zz", dest)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runs.checkpoint import read_checkpoint
-from tests.conftest import TINY_OVERRIDES, PausedLaunch, last_line, launch, tree_hashes
+from tests.conftest import TINY_OVERRIDES, PausedLaunch, last_line, launch, run_layout, tree_hashes
 from tests.test_launcher import read_trackio
 
 CONSTANT = [*TINY_OVERRIDES, "lr_schedule=constant", "warmup_steps=0", "trackio.enabled=false"]
@@ -29,7 +29,7 @@ def test_resume_applies_a_new_learning_rate_and_says_so(two_epochs, tmp_path):
     result = launch([*CONSTANT, "run_name=r", "epochs=3", "optimizer.lr=5e-4", "resume=true", f"output_dir={out}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resume: epochs 2 -> 3" in result.stdout and "resume: optimizer.lr 0.001 -> 0.0005" in result.stdout
-    state = read_checkpoint(out / "ckpts" / "mlp" / "r" / "last.pt")
+    state = read_checkpoint(run_layout(out, "r").last)
     assert state["config"]["optimizer"]["lr"] == 5e-4  # what is recorded ...
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [5e-4]  # ... is what was used
     assert state["scheduler"]["base_lrs"] == [5e-4]
@@ -57,7 +57,7 @@ def test_unwritable_outputs_are_found_before_the_first_step(tmp_path):
     result = launch([*TINY_OVERRIDES, "run_name=w", "epochs=1", "trackio.enabled=true", f"output_dir={tmp_path / 'out'}"],
                     cwd=tmp_path, trackio_dir=store)
     assert result.returncode == 2 and last_line(result.stderr).startswith(f"error: TRACKIO_DIR={store} is not writable")
-    assert not (tmp_path / "out" / "ckpts" / "mlp" / "w" / "last.pt").exists()
+    assert not run_layout(tmp_path / "out", "w").last.exists()
     assert blocker.read_text() == "not a folder\n"
 
 
@@ -74,12 +74,12 @@ def test_trackio_history_after_a_kill_has_no_duplicates_and_no_holes(tmp_path):
     run = PausedLaunch(args, pause_at=4 * 64 + 1, cwd=tmp_path, stderr_path=tmp_path / "h.stderr", trackio_dir=store)
     run.proc.kill()  # SIGKILL at the first step of epoch 5: epoch 4 was logged, the checkpoint is epoch 3's
     run.finish()
-    assert read_checkpoint(out / "ckpts" / "mlp" / "h" / "last.pt")["epoch"] == 3
+    assert read_checkpoint(run_layout(out, "h").last)["epoch"] == 3
     result = launch([*args, "resume=true"], cwd=tmp_path, trackio_dir=store)
     assert result.returncode == 0, result.stderr[-2000:]
     steps = [int(row["step"]) for row in read_trackio(store, "h")["logs"] if "epoch" in row]
     assert steps == [64 * e for e in range(1, 9)], steps  # one row per epoch, in order, none missing
-    final = read_checkpoint(out / "ckpts" / "mlp" / "h" / "last.pt")
+    final = read_checkpoint(run_layout(out, "h").last)
     assert torch.isfinite(torch.tensor(final["metrics"]["eval/energy_distance"]))
 
 

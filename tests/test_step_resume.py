@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from runs.checkpoint import read_checkpoint
-from tests.conftest import TINY_OVERRIDES, PausedLaunch, launch
+from tests.conftest import TINY_OVERRIDES, PausedLaunch, launch, run_layout
 
 # 4096 samples / 64 = 64 steps per epoch, a step checkpoint every 5 steps (never at an
 # epoch boundary before step 320), evaluation only at the end.
@@ -24,7 +24,7 @@ STEPS = 128
 
 
 def last_pt(out: Path, run: str) -> Path:
-    return out / "ckpts" / "mlp" / run / "last.pt"
+    return run_layout(out, run).last
 
 
 def paused_run(out: Path, run: str, pause_at: int, *extra: str) -> PausedLaunch:

@@ -13,7 +13,7 @@ import pytest
 
 from evaluation.tracking import RunRecord, row_key
 from runs.checkpoint import read_checkpoint
-from tests.conftest import REPO, TINY_OVERRIDES, launch, launcher_env
+from tests.conftest import REPO, TINY_OVERRIDES, launch, launcher_env, run_layout
 
 # A real launcher run whose evaluation of epoch 1 kills the process (SIGKILL, no handler
 # runs) once trackio has stored the train row of the same step: the point where a run
@@ -71,7 +71,7 @@ class FakeTrackio:
 
 def record_with(history: list[dict], held: list[dict]) -> tuple[RunRecord, FakeTrackio]:
     record, fake = RunRecord(), FakeTrackio()
-    record.restore({"history": history})
+    record.restore({"history": history, "totals": {}, "skipped": [], "rollbacks": 0})
     record.trackio = fake
     record.catch_up(held)
     return record, fake
@@ -122,7 +122,7 @@ def test_a_kill_during_the_epoch_end_evaluation_loses_no_row(tmp_path):
     killed = subprocess.run([sys.executable, "-c", KILLED_IN_EVALUATION, "kv", *args], check=False, cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    last = out / "ckpts" / "mlp" / "kv" / "last.pt"
+    last = run_layout(out, "kv").last
     assert read_checkpoint(last)["step"] == 6, "the kill must come after the step checkpoint at 6, before the epoch's at 8"
     before = trackio_rows(store, "kv")
     assert [(row["step"], "train/loss" in row) for row in before] == [(4, True), (8, True)], before
@@ -139,4 +139,4 @@ def test_a_kill_during_the_epoch_end_evaluation_loses_no_row(tmp_path):
     identities = Counter(row_key(row) for row in rows)
     assert identities == Counter(row_key(row) for row in history), "trackio must hold exactly the rows the run logged"
     assert set(identities.values()) == {1}
-    assert (out / "runs" / "kv" / "plots" / "epoch_0001.png").exists()
+    assert run_layout(out, "kv").plot(1).exists()

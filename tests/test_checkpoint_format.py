@@ -1,0 +1,151 @@
+"""Checkpoints written before the schema (format 1) still load, evaluate and resume.
+
+A format-1 file is made the way the previous version wrote it: a real checkpoint of a
+tiny run (cut at the end of epoch 1), without "format" and without the keys that version
+did not write yet, saved with plain ``torch.save``. It reads as format 2 with SCHEMA's
+defaults, ``eval_checkpoint`` evaluates it to the numbers the run logged, and
+``resume=true`` continues it to weights bit-identical (CPU) to a run never cut. What
+this version cannot read is refused in one line: a newer format, a key of the wrong
+type, and (for resuming only) a file of weights alone.
+
+The runs go through ``launcher.main`` in this process: the same code as the command
+line, without an interpreter start per run.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import launcher
+from runs.checkpoint import FORMAT, SCHEMA, read_checkpoint
+from runs.errors import CheckpointError
+from tests.conftest import TINY_OVERRIDES, run_layout, tree_hashes
+
+pytestmark = pytest.mark.slow
+
+# 512 samples / 64 = 8 steps an epoch; max_steps fixes the schedule's horizon, so the run
+# cut after epoch 1 and resumed to 2 follows the schedule of the uncut one.
+RUN = [*TINY_OVERRIDES, "run_name=old", "max_steps=16", "eval.every_epochs=1", "checkpoint.archive_every_epochs=0",
+       "eval.plot=false"]
+LACKED_BY_FORMAT_1 = ("batch_in_epoch", "loss", "emas", "metrics", "totals", "history", "skipped", "rollbacks")
+
+
+def train(output_dir: Path, *extra: str) -> dict:
+    assert launcher.main([*RUN, f"output_dir={output_dir}", *extra]) == 0
+    return read_checkpoint(run_layout(output_dir, "old").last)
+
+
+@dataclass
+class Runs:
+    straight: dict  # the uncut run (2 epochs), read
+    cut: dict  # the run cut after epoch 1, read
+    written: dict  # the cut run's file as this version wrote it (torch.load, no upgrade)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    root = tmp_path_factory.mktemp("format")
+    straight, cut = train(root / "straight", "epochs=2"), train(root / "cut", "epochs=1")
+    return Runs(straight, cut, torch.load(run_layout(root / "cut", "old").last, weights_only=True))
+
+
+def placed(state: dict, output_dir: Path) -> Path:
+    """``state`` saved (plain torch.save, no schema) as run ``old``'s last.pt under ``output_dir``."""
+    path = run_layout(output_dir, "old").last
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def format_1(runs) -> dict:
+    """The cut run's checkpoint as format 1 wrote it: no "format", none of the later keys."""
+    return {key: value for key, value in runs.written.items() if key not in ("format", *LACKED_BY_FORMAT_1)}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_format_1_file_reads_as_format_2_with_the_schemas_defaults(runs, format_1, tmp_path):
+    assert runs.written["format"] == FORMAT and set(LACKED_BY_FORMAT_1) <= set(runs.written)  # what was dropped was there
+    state = read_checkpoint(placed(format_1, tmp_path))
+    assert state["format"] == FORMAT == 2
+    for key in LACKED_BY_FORMAT_1:
+        assert state[key] == SCHEMA[key].default(), key
+    assert (state["batch_in_epoch"], state["history"], state["metrics"], state["rollbacks"]) == (0, [], {}, 0)
+    for key in ("step", "epoch", "config"):
+        assert state[key] == format_1[key], key
+    for name, tensor in format_1["model"].items():
+        assert torch.equal(state["model"][name], tensor), name
+
+
+def test_a_format_1_file_evaluates_to_the_numbers_its_run_logged(runs, format_1, tmp_path, monkeypatch):
+    path = placed(format_1, tmp_path / "shared")
+    monkeypatch.chdir(tmp_path)
+    assert launcher.main([f"eval_checkpoint={path}", f"output_dir={tmp_path / 'out'}", "device=cpu"]) == 0
+    (written,) = run_layout(tmp_path / "out", "old").eval_dir.glob("epoch_0001_*.json")
+    logged = runs.cut["metrics"]
+    assert logged["epoch"] == 1
+    for key in ("eval/energy_distance", "eval/energy_distance_floor"):
+        assert json.loads(written.read_text())[key] == pytest.approx(logged[key], rel=1e-9, abs=1e-12), key
+
+
+def test_a_format_1_file_resumes_to_the_weights_of_the_uncut_run(runs, format_1, tmp_path):
+    placed(format_1, tmp_path / "out")
+    resumed = train(tmp_path / "out", "epochs=2", "resume=true")
+    straight = runs.straight
+    assert (resumed["epoch"], resumed["step"]) == (straight["epoch"], straight["step"]) == (2, 16)
+    for part in ("model", "ema"):
+        assert straight[part].keys() == resumed[part].keys()
+        for name, tensor in straight[part].items():
+            assert torch.equal(resumed[part][name], tensor), f"{part}.{name} differs from the uncut run"
+    assert resumed["metrics"]["eval/energy_distance"] == straight["metrics"]["eval/energy_distance"]
+    assert resumed["format"] == FORMAT
+
+
+def test_a_newer_format_is_refused_in_one_line(runs, tmp_path, capsys):
+    path = placed(runs.written | {"format": FORMAT + 1}, tmp_path / "out")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert f"format {FORMAT + 1}" in message and "newer" in message and "\n" not in message, message
+    assert launcher.main([f"eval_checkpoint={path}", f"output_dir={tmp_path / 'eval'}", "device=cpu"]) == 2
+    assert f"format {FORMAT + 1}" in one_line_error(capsys)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("key,value", [("step", "8"), ("epoch", 1.0), ("history", {}), ("metrics", [0.5]),
+                                       ("format", "1"), ("model", [])])
+def test_a_key_of_the_wrong_type_is_refused_in_one_line_naming_it(runs, tmp_path, key, value):
+    path = placed(runs.written | {key: value}, tmp_path / "out")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert f"{key!r}" in message and type(value).__name__ in message and "\n" not in message, message
+
+
+def test_a_file_of_weights_alone_evaluates_but_is_not_resumed(runs, tmp_path, capsys, monkeypatch):
+    weights_only = {key: value for key, value in runs.written.items() if not SCHEMA[key].resume_only}
+    assert "optimizer" not in weights_only and "model" in weights_only
+    out = tmp_path / "out"
+    path = placed(weights_only, out)
+    before = tree_hashes(out)
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        read_checkpoint(path, resume=True)
+    assert launcher.main([*RUN, f"output_dir={out}", "epochs=2", "resume=true"]) == 2
+    line = one_line_error(capsys)
+    assert "optimizer" in line and "cannot be resumed" in line, line
+    assert tree_hashes(out) == before
+
+    monkeypatch.chdir(tmp_path)
+    assert launcher.main([f"eval_checkpoint={path}", f"output_dir={tmp_path / 'eval'}", "device=cpu"]) == 0
+    (written,) = run_layout(tmp_path / "eval", "old").eval_dir.glob("epoch_0001_*.json")
+    assert json.loads(written.read_text())["eval/energy_distance"] == pytest.approx(
+        runs.cut["metrics"]["eval/energy_distance"], rel=1e-9, abs=1e-12)

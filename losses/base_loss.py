@@ -1,10 +1,8 @@
 """The loss interface: ``loss(model, batch) -> scalar Tensor``, and how its model samples.
 
-A loss owns everything between a batch and the scalar that is back-propagated: it
-draws its own times (``losses/time_sampling.py``, configured in ``configs/loss/``), it
-says how a model trained with it is sampled (``samplers``), and it leaves the detached
-numbers worth logging in ``metrics``. The training loop and the evaluator know nothing
-else about it, so a new loss is a new file here and a yaml in ``configs/loss/``.
+A loss owns everything between a batch and the scalar that is back-propagated: its times
+(``losses/time_sampling.py``), its samplers and its logged ``metrics``. The loop and the
+evaluator know nothing else of it, so a new loss is a file here and a yaml in ``configs/loss/``.
 """
 
 from abc import ABC, abstractmethod
@@ -26,11 +24,11 @@ class BaseLoss(nn.Module, ABC):
     """Subclasses implement ``forward(model, batch) -> Tensor`` (a scalar).
 
     Attributes:
-        metrics: detached scalars from the last call, logged as ``train/<key>`` (averaged
-            over the logging interval), e.g. the unweighted MSE of a weighted loss.
-        passes_augment_labels: whether ``forward`` hands ``batch.aug_label`` to the model
-            (``call_model``); a loss that does not refuses augmented data at start-up, so
-            a model never trains on augmented images without knowing it.
+        metrics: detached scalars of the last call, logged as ``train/<key>`` (averaged
+            over the logging interval).
+        passes_augment_labels: whether ``forward`` hands ``batch.aug_label`` to the model;
+            a loss that does not refuses augmented data, so that no model trains on
+            augmented images without knowing it.
     """
 
     passes_augment_labels: bool = False
@@ -50,12 +48,8 @@ class BaseLoss(nn.Module, ABC):
         """
 
     def samplers(self, eval_cfg: DictConfig, solver_cfg: DictConfig, num_classes: int) -> dict[str, Sampler]:
-        """How the evaluator samples a model trained with this loss, by sampler name.
-
-        The default integrates the instantaneous velocity ``u(x, t, t)`` with the
-        configured solver (every model here is a mean-velocity field, so this is always
-        available); the one-step family adds its k-step jumps.
-        """
+        """How the evaluator samples a model trained with this loss, by sampler name: by
+        default the configured solver on the diagonal ``u(x, t, t)``, which every model has."""
         options = {k: v for k, v in solver_cfg.items() if k != "name"}
         name = f"{solver_cfg.name}{eval_cfg.steps}"
         return {name: DiagonalSampler(solver_cfg.name, eval_cfg.steps, eval_cfg.guidance_scale, num_classes, options=options)}
@@ -74,12 +68,9 @@ class BaseLoss(nn.Module, ABC):
 
 
 class LossModule(nn.Module):
-    """Model and loss in one module whose ``forward(batch)`` returns the loss.
-
-    This is what gets compiled and DDP-wrapped: the whole loss, the MeanFlow JVP
-    included, runs inside the wrapper's forward, so DDP's gradient hooks see every
-    parameter use (calling ``model.module`` from outside would skip the all-reduce).
-    """
+    """Model and loss in one module whose ``forward(batch)`` returns the loss: what gets
+    compiled and DDP-wrapped, so that every parameter use, the MeanFlow JVP's included,
+    runs inside the wrapper's forward where DDP's gradient hooks see it."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
         super().__init__()
@@ -106,11 +97,8 @@ def upgrade_loss_config(node: dict) -> dict:
 
 
 def build_loss(loss_cfg: DictConfig | dict) -> BaseLoss:
-    """The loss of a config group node (``name`` is the group's label, not an argument).
-
-    Built through the checkpoint allowlist, since the node may come from a checkpoint
-    someone else wrote: only the project's own ``BaseLoss`` classes, plain arguments.
-    """
+    """The loss of a config group node (``name`` is the group's label, not an argument),
+    through the allowlist: the node may come from someone else's checkpoint."""
     node = OmegaConf.to_container(loss_cfg, resolve=True) if isinstance(loss_cfg, DictConfig) else dict(loss_cfg)
     node = upgrade_loss_config({k: v for k, v in node.items() if k != "name"})
     return instantiate_allowed(node, ("losses.",), "loss", base=BaseLoss)

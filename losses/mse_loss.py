@@ -1,9 +1,7 @@
-"""Conditional flow-matching loss (Lipman et al. 2023, Eq. 23; Liu et al. 2023).
-
-With the straight path ``x_t = (1 - t) x_0 + t x_1`` the conditional velocity is
-``v = x_1 - x_0``, and the model is read on the diagonal ``s = t`` (docs/design.md):
-``L = E_t E || u_θ(x_t, t, t) - (x_1 - x_0) ||²``, with ``t`` from the configured law
-(``loss.time``, default logit-normal(0, 1): Esser et al. 2024, Sec. 3.1).
+"""Conditional flow-matching loss (Lipman et al. 2023, Eq. 23; Liu et al. 2023) on the
+straight path, read on the diagonal ``s = t`` (docs/design.md, "Unified input"):
+``L = E_t E || u_θ(x_t, t, t) - (x_1 - x_0) ||²``, ``t`` from ``loss.time`` (default
+logit-normal(0, 1): Esser et al. 2024, Sec. 3.1).
 """
 
 from torch import Tensor, nn
@@ -18,11 +16,9 @@ class FlowMatchingMSELoss(BaseLoss):
     """Mean over batch and dimensions of the squared velocity error.
 
     Args:
-        time: the law of ``t``: ``{name: uniform | logit_normal, ...}`` (its keys other
-            than ``name`` go to the sampler, see ``losses/time_sampling.py``).
-        num_classes: the model's number of classes (0: unconditional, labels ignored).
-        class_drop_prob: probability of replacing a label by the null class, so the
-            model also learns the unconditional velocity for guidance at sampling.
+        time: the law of ``t``, ``{name: uniform | logit_normal, ...}`` (losses/time_sampling.py).
+        num_classes: the model's classes (0: unconditional, labels ignored).
+        class_drop_prob: label -> null class probability (the null class serves guidance).
     """
 
     passes_augment_labels = True  # call_model(..., batch.aug_label) in forward

@@ -1,26 +1,16 @@
-"""Every time a loss trains on is drawn here: flow matching's single ``t`` and the
-mean-flow ``(s, t)`` pairs.
+"""Every time a loss trains on: flow matching's single ``t`` and the mean-flow ``(s, t)`` pairs.
 
-Convention (docs/design.md): noise at 0, data at 1, and ``0 <= s <= t <= 1``. The published
-MeanFlow code runs the other way (noise at 1) and names its pair ``(t, r)`` with
-``t >= r``; a published pair maps here as ``s = 1 - t_paper``, ``t = 1 - r_paper``.
-The logit-normal parameters of the pair samplers (``mean``, ``std``, ``r_mean``,
-``r_std``) are given in the published convention, so numbers from a paper or a script
-copy over unchanged: ``mean=-0.4`` puts the mode of ``t_paper`` near noise there and
-near data here.
+Convention (docs/design.md, "Time convention"): noise at 0, data at 1, ``0 <= s <= t <= 1``.
+The published MeanFlow code runs the other way (noise at 1, a pair ``(t, r)`` with ``t >= r``):
+``s = 1 - t_paper``, ``t = 1 - r_paper``. The pair samplers' logit-normal parameters
+(``mean``, ``std``, ``r_mean``, ``r_std``) are in the published convention, so a paper's or a
+script's numbers copy over unchanged. ``ratio`` is always the fraction of pairs with
+``s != t`` (py-meanflow's ``--ratio``; the JAX code's ``data_proportion`` is ``1 - ratio``).
 
-``ratio`` is always the fraction of pairs with ``s != t`` (py-meanflow's ``--ratio``;
-the JAX code's ``data_proportion`` is ``1 - ratio``).
-
-Each pair sampler named after a published code base reproduces that code's order of
-draws, masking and ordering; the two named after what they do are this project's
-earlier samplers, kept so old runs can be repeated. Config shape (``configs/loss/``)::
-
-    time: {name: logit_normal, mean: 0.0, std: 1.0}                         # flow matching
-    time: {name: py_meanflow_v1, ratio: 0.75, mean: -0.6, std: 1.6, r_mean: -4.0, r_std: 1.6}
-
-every key but ``name`` goes to the constructor (``make_time_sampler`` /
-``make_pair_sampler``).
+A pair sampler named after a published code base reproduces that code's order of draws,
+masking and ordering; the two named after what they do are this project's earlier
+samplers, kept so old runs can be repeated. A config ``time: {name: ..., **options}``
+(``configs/loss/``) gives every key but ``name`` to the constructor.
 """
 
 import inspect
@@ -102,10 +92,8 @@ def _from_paper(t_paper: Tensor, r_paper: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _TwoLawPairSampler(PairSampler):
-    """Shared state: a first draw (the paper's ``t``) ~ logit-normal(mean, std) and a
-    second draw (the paper's ``r``) ~ logit-normal(r_mean, r_std); ``None`` repeats the
-    first law. ``law="uniform"`` draws both from U(0, 1) instead (this project's 2-D
-    default; every published recipe uses its logit-normal laws)."""
+    """A first draw (the paper's ``t``) ~ LN(mean, std) and a second (the paper's ``r``)
+    ~ LN(r_mean, r_std), ``None`` repeating the first law; ``law="uniform"``: both U(0, 1)."""
 
     def __init__(
         self,
@@ -128,9 +116,8 @@ class _TwoLawPairSampler(PairSampler):
 
     def _draw(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self.law == "uniform":
-            # Both draws U(0, 1): mass everywhere in the triangle, the few-step grid's pairs
-            # (0, 1), (0, 1/2), (1/2, 1) included; logit-normal(-0.4, 1) leaves about 0.03%
-            # of pairs near (0, 1) (EXPERIMENT_LOG.md, 2026-12-01, the 2-D investigation).
+            # mass everywhere in the triangle, the few-step grid's pairs (0, 1), (0, 1/2), (1/2, 1)
+            # included, where logit-normal(-0.4, 1) puts almost none (EXPERIMENT_LOG.md, 2026-12-01)
             return torch.rand(n, device=device), torch.rand(n, device=device)
         t = logit_normal(n, self.mean, self.std, device)
         r = logit_normal(n, self.r_mean, self.r_std, device)
@@ -142,15 +129,12 @@ class _TwoLawPairSampler(PairSampler):
 
 
 class PyMeanflowV0PairSampler(_TwoLawPairSampler):
-    """The PyTorch reference's "v0" sampler, the one of the MeanFlow paper
-    (Gsunshine/py-meanflow, ``meanflow/models/time_sampler.py::sample_two_timesteps_t_r_v0``).
+    """The MeanFlow paper's sampler (Gsunshine/py-meanflow,
+    ``meanflow/models/time_sampler.py::sample_two_timesteps_t_r_v0``; ``scripts/cifar10_v0.sh``).
 
-    In the paper's convention: ``t ~ LN(mean, std)``, ``r ~ LN(r_mean, r_std)`` (two
-    ``randn`` draws, in that order), then ``t, r = max(t, r), min(t, r)``, then one
-    ``rand`` per sample and ``r = t`` where it is below ``1 - ratio``. So ``t_paper`` is
-    always the larger draw, and the equal pairs sit at the larger draw too; the number of
-    equal pairs in a batch is binomial, not fixed.
-    Published settings: ``scripts/cifar10_v0.sh`` (ratio 0.75, LN(-2, 2) for both).
+    Paper convention: ``t ~ LN(mean, std)``, ``r ~ LN(r_mean, r_std)`` (two ``randn``, in
+    that order), ``t, r = max, min``, then ``r = t`` where a per-sample ``rand`` is below
+    ``1 - ratio``: the equal pairs sit at the larger draw, their count is binomial.
     """
 
     def sample(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -161,15 +145,12 @@ class PyMeanflowV0PairSampler(_TwoLawPairSampler):
 
 
 class PyMeanflowV1PairSampler(_TwoLawPairSampler):
-    """The PyTorch reference's "v1" sampler (Gsunshine/py-meanflow,
-    ``meanflow/models/time_sampler.py::sample_two_timesteps_t_r_v1``), the one its README
-    recommends (``scripts/cifar10_v1.sh``: ratio 0.75, t ~ LN(-0.6, 1.6), r ~ LN(-4, 1.6)).
+    """The sampler py-meanflow's README recommends (Gsunshine/py-meanflow,
+    ``meanflow/models/time_sampler.py::sample_two_timesteps_t_r_v1``; ``scripts/cifar10_v1.sh``).
 
-    In the paper's convention: ``t ~ LN(mean, std)``, ``r ~ LN(r_mean, r_std)``, one
-    ``rand`` per sample and ``r = t`` where it is below ``1 - ratio``, then
-    ``r = min(t, r)``. ``t_paper`` keeps its own law; a pair is equal either by the mask
-    or because the second draw came out above the first, so the equal fraction is
-    ``(1 - ratio) + ratio * P(r_draw >= t_draw)``, more than ``1 - ratio``.
+    Paper convention: ``t ~ LN(mean, std)``, ``r ~ LN(r_mean, r_std)``, ``r = t`` where a
+    per-sample ``rand`` is below ``1 - ratio``, then ``r = min(t, r)``. ``t_paper`` keeps its
+    own law, and the equal fraction is ``(1 - ratio) + ratio * P(r_draw >= t_draw)``.
     """
 
     def sample(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -180,16 +161,13 @@ class PyMeanflowV1PairSampler(_TwoLawPairSampler):
 
 
 class MeanflowJaxPairSampler(_TwoLawPairSampler):
-    """The JAX reference's sampler (Gsunshine/meanflow, ``meanflow.py::MeanFlow.sample_tr``),
-    used for its ImageNet runs.
+    """The JAX reference's sampler, used for its ImageNet runs (Gsunshine/meanflow,
+    ``meanflow.py::MeanFlow.sample_tr``).
 
-    In the paper's convention: ``t, r`` two draws of one logit-normal law
-    (``P_mean``, ``P_std``; no separate law for ``r``), ``t, r = max, min``, then
-    ``r = t`` on the FIRST ``int(n * data_proportion)`` rows of the batch
-    (``data_proportion = 1 - ratio``): a fixed count, placed by row, not a per-sample
-    draw. The equal pairs therefore sit at the start of the batch; the JAX code's label
-    drop (``cond_drop``) also takes the first rows, so there the dropped labels fall on
-    equal pairs (for a loss that wants to mirror that, see ``equal_rows``).
+    Paper convention: two draws of one law (``P_mean``, ``P_std``), ``t, r = max, min``,
+    then ``r = t`` on the FIRST ``int(n * data_proportion)`` rows (``data_proportion =
+    1 - ratio``): a fixed count, by row. The JAX code's label drop (``cond_drop``) takes the
+    first rows too, so there dropped labels fall on equal pairs (``equal_rows``).
     """
 
     def __init__(
@@ -220,12 +198,8 @@ class MeanflowJaxPairSampler(_TwoLawPairSampler):
 
 
 class IMeanflowPairSampler(MeanflowJaxPairSampler):
-    """Improved MeanFlow's sampler (Lyy-iiis/imeanflow, ``imf.py::iMeanFlow.sample_tr``):
-    the same law and row placement as the JAX MeanFlow sampler (one logit-normal law,
-    ordered, the first ``int(n * data_proportion)`` rows equal), with that code's
-    defaults: ``data_proportion = 0.5`` (``ratio = 0.5``), LN(-0.4, 1.0). iMF also uses
-    the equal-row mask for its guidance interval; ``equal_rows`` gives it.
-    """
+    """Improved MeanFlow's sampler (Lyy-iiis/imeanflow, ``imf.py::iMeanFlow.sample_tr``): the
+    JAX MeanFlow sampler with that code's defaults, ``data_proportion = 0.5``, LN(-0.4, 1.0)."""
 
     def __init__(
         self,
@@ -239,13 +213,12 @@ class IMeanflowPairSampler(MeanflowJaxPairSampler):
 
 
 class OrderThenMaskRowsPairSampler(_TwoLawPairSampler):
-    """This project's earlier ``sampler: paper`` (``losses/meanflow_loss.py::sample_time_pairs``).
+    """This project's earlier ``sampler: paper`` (``losses/base_loss.py::LEGACY_PAIR_SAMPLERS``).
 
-    Two draws (each with its own law), ordered, then the FIRST ``round(ratio * n)`` rows
-    keep ``s != t`` and the rest get ``r = t``. Its law of ``(s, t)`` is py-meanflow v0's,
-    but with a fixed count of distinct pairs like the JAX code; it differs from the JAX
-    sampler in putting the distinct pairs (not the equal ones) first, in rounding
-    (``round(ratio n)`` vs ``n - int((1 - ratio) n)``) and in allowing a second law.
+    Two draws, ordered, then the FIRST ``round(ratio * n)`` rows keep ``s != t`` and the
+    rest get ``r = t``: py-meanflow v0's law with a fixed count like the JAX code, but the
+    distinct pairs first, ``round(ratio n)`` distinct (JAX: ``n - int((1 - ratio) n)``) and
+    a second law allowed.
     """
 
     def sample(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -257,15 +230,12 @@ class OrderThenMaskRowsPairSampler(_TwoLawPairSampler):
 
 
 class MaskRowsThenOrderPairSampler(_TwoLawPairSampler):
-    """This project's earlier ``sampler: improved`` (``losses/meanflow_loss.py::sample_time_pairs``).
+    """This project's earlier ``sampler: improved`` (``losses/base_loss.py::LEGACY_PAIR_SAMPLERS``).
 
-    The FIRST ``round(ratio * n)`` rows keep both draws; the others replace the second
-    draw by the first; then the pair is ordered. Equal pairs are thus one plain draw of
-    the first law, and distinct pairs are ``(max, min)``. No published code does this:
-    py-meanflow v1 masks first too but then keeps ``t_paper`` and clips ``r`` to it
-    (``r = min(t, r)``), so its ``t_paper`` has the first law and its equal fraction
-    grows by ``ratio * P(r_draw >= t_draw)``; here ``t_paper`` is the max of the two draws
-    and the equal fraction is exactly ``1 - ratio``.
+    The FIRST ``round(ratio * n)`` rows keep both draws, the others repeat the first, then
+    each pair is ordered: equal pairs are one draw of the first law, distinct pairs
+    ``(max, min)``, and the equal fraction is exactly ``1 - ratio``. No published code does
+    this (py-meanflow v1 masks first too, but then clips ``r = min(t, r)``).
     """
 
     def sample(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -277,12 +247,11 @@ class MaskRowsThenOrderPairSampler(_TwoLawPairSampler):
 
 
 class AlphaflowPairSampler(PairSampler):
-    """The reference's (s, t) law (``AlphaFlowLoss.sample_traj_params``).
+    """AlphaFlow's law (snap-research/alphaflow, ``AlphaFlowLoss.sample_traj_params``).
 
-    In the paper's convention: the first ``int(n * ratio_fm)`` rows are flow-matching
-    pairs ``t = r ~ LN(fm_mean, fm_std)`` (one draw, drawn first), the others two draws
-    of ``LN(mean, std)`` ordered ``t, r = max, min`` (``distrib_t_t_next_mf: minmax``).
-    ``ratio`` is the fraction with ``s != t``, ``1 - ratio_fm``, as everywhere here.
+    Paper convention: the first ``int(n * ratio_fm)`` rows are ``t = r ~ LN(fm_mean,
+    fm_std)`` (drawn first), the others two draws of ``LN(mean, std)`` ordered ``t, r = max,
+    min`` (``distrib_t_t_next_mf: minmax``); ``ratio = 1 - ratio_fm``.
     """
 
     def __init__(self, ratio: float = 0.5, mean: float = -0.4, std: float = 1.0,

@@ -10,12 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, make_base_item
-from models.unified_input import make_unified_flow_matching_input, split_unified_input
 from losses.alphaflow_loss import AlphaFlowLoss, scheduled_alpha
-from losses.time_sampling import AlphaflowPairSampler
 from losses.base_loss import build_loss
 from losses.meanflow_loss import MeanFlowLoss
+from losses.time_sampling import AlphaflowPairSampler
 from models.flow_matching.mlp import MLP
+from models.unified_input import make_unified_flow_matching_input, split_unified_input, straight_path
 from solvers.sampling import DiagonalSampler, JumpSampler
 from tests.conftest import compose_train
 
@@ -83,7 +83,7 @@ def draws(loss_fn: AlphaFlowLoss, batch: BaseItem, seed: int) -> tuple[Tensor, T
     torch.manual_seed(seed)
     s, t = loss_fn.pair_sampler.sample(len(batch), torch.device("cpu"))
     x0, x1 = batch.raw_source, batch.raw_target
-    return s, t, (1 - s[:, None]) * x0 + s[:, None] * x1, x1 - x0
+    return s, t, straight_path(x0, x1, s), x1 - x0
 
 
 def weighted(err: Tensor, numerator: Tensor, eps: float) -> Tensor:

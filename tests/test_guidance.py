@@ -7,7 +7,6 @@ import torch
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import make_base_item
-from models.unified_input import make_unified_flow_matching_input
 from dataloaders.kmeans import make_dataset
 from evaluation.energy_distance import energy_distance
 from evaluation.sample import sample_flow, sample_meanflow
@@ -16,6 +15,7 @@ from losses.base_loss import BaseLoss
 from losses.meanflow_loss import DEFAULT_TIME, MeanFlowLoss
 from losses.mse_loss import FlowMatchingMSELoss
 from models.flow_matching.mlp import MLP
+from models.unified_input import make_unified_flow_matching_input
 
 K = 4  # clusters on a ring of radius 4, one class each
 N_SAMPLES = 400  # samples per class for each energy distance
@@ -61,9 +61,8 @@ def test_guided_velocity_refuses_an_unconditional_model() -> None:
 
 @pytest.fixture
 def one_thread():
-    """Small matmuls on a shared 2-core box: two OpenMP threads spin against each other
-    and the other processes (measured: the MeanFlow training below takes 150 s with two
-    threads, 15 s with one)."""
+    """Small matmuls: several OpenMP threads spin against each other and against other
+    processes instead of sharing the work."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -100,17 +99,15 @@ def assert_classes_separate(sample, held_out: dict[int, Tensor]) -> None:
     for c, data_c in held_out.items():
         conditional = sample(torch.full((N_SAMPLES,), c))
         ed_cond, ed_uncond = energy_distance(conditional, data_c), energy_distance(unconditional, data_c)
-        # Measured (seeds 0-2): ed_cond 0.1-1.9, ed_uncond 2.7-6.2 (the null samples cover
-        # all four clusters, so three quarters of them miss cluster c by ~4 radii).
+        # the null samples cover all K clusters, so most of them miss cluster c by the ring's spacing
         assert ed_cond < 0.6 * ed_uncond, f"class {c}: conditional {ed_cond:.3f} vs null-label {ed_uncond:.3f}"
 
 
 def test_meanflow_with_guided_target_separates_classes_in_one_step(one_thread) -> None:
     # ω = 1.2, κ = 0: the target's velocity is 1.2 v - 0.2 u(x_s, s, s | ∅), an effective
-    # guidance scale ω / (1 - κ) = 1.2. Mild on purpose: on well-separated 2-D clusters
-    # guidance pushes one-step samples past their cluster (measured class means at radius
-    # ~5 for ω = 1.2 and up to ~6.5 for ω = 1.5 or ω = 1, κ = 0.5, with data at radius 4),
-    # and this test is about separation, not the strength of the push.
+    # guidance scale ω / (1 - κ) = 1.2. Mild on purpose: on well-separated 2-D clusters a
+    # stronger scale pushes one-step samples past their cluster, and this test is about
+    # separation, not the strength of the push.
     loss = MeanFlowLoss(time=DEFAULT_TIME | {"ratio": 0.5}, num_classes=K, class_drop_prob=0.1, cfg_omega=1.2, cfg_kappa=0.0)
     model = train_conditional(loss, steps=500)
     noise = torch.randn(N_SAMPLES, 2, generator=torch.Generator().manual_seed(1))

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, make_base_item
-from models.unified_input import make_unified_flow_matching_input, split_unified_input
 from evaluation.sample import sample_meanflow
 from losses.base_loss import build_loss
 from losses.imf_loss import DEFAULT_TIME, IMFLoss
 from losses.meanflow_loss import MeanFlowLoss
 from models.flow_matching.mlp import MLP
+from models.unified_input import broadcast_time, make_unified_flow_matching_input, split_unified_input, straight_path
 from solvers.sampling import DiagonalSampler, JumpSampler
 from tests.conftest import compose_train
 
@@ -39,10 +39,6 @@ def times(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return s, s + 0.05 + torch.rand(n, generator=g, dtype=torch.float64) * 0.4
 
 
-def bcast(t: Tensor, x: Tensor) -> Tensor:
-    return t.reshape(-1, *([1] * (x.dim() - 1)))
-
-
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_compound_prediction_matches_central_differences(kind: str) -> None:
     """V = u - (t - s) du/ds along (u(x, s, s), 1, 0), the derivative by a float64
@@ -65,7 +61,7 @@ def test_compound_prediction_matches_central_differences(kind: str) -> None:
         plus = model(make_unified_flow_matching_input(x + h * v_c, s + h, t))
         minus = model(make_unified_flow_matching_input(x - h * v_c, s - h, t))
         u = model(make_unified_flow_matching_input(x, s, t))
-    expected = u - bcast(t - s, x) * (plus - minus) / (2 * h)
+    expected = u - broadcast_time(t - s, x) * (plus - minus) / (2 * h)
     rel = (big_v.detach() - expected).norm() / expected.norm()
     assert rel < 1e-7, f"relative error {rel:.2e}"
 
@@ -206,7 +202,7 @@ def test_loss_is_the_weighted_v_loss() -> None:
     s, t = loss_fn.pair_sampler.sample(32, torch.device("cpu"))
     assert (s == t).sum() == 16  # imeanflow: the first half of the rows are s = t
     x0, x1 = batch.raw_source, batch.raw_target
-    x_s = (1 - s[:, None]) * x0 + s[:, None] * x1
+    x_s = straight_path(x0, x1, s)
     with torch.no_grad():
         v_c = model(make_unified_flow_matching_input(x_s, s, s))
     _, dudt = torch.func.jvp(lambda z: model(z), (make_unified_flow_matching_input(x_s, s, t),),
@@ -261,6 +257,7 @@ def test_samples_mixes_guidance_and_labels_in_a_step() -> None:
         ({"tangent": "sideways"}, "loss.tangent"),
         ({"num_classes": 4, "class_drop_prob": 0.1, "cfg_omega": 0.5}, "cfg_omega"),
         ({"cfg_omega": 2.0}, "unconditional"),
+        ({"num_classes": 4, "class_drop_prob": 0.1, "cfg_kappa": 0.5}, "cfg_kappa"),
         ({"time": DEFAULT_TIME | {"ratio": 2.0}}, "ratio"),
         ({"eps": -1.0}, "loss.eps"),
     ],

@@ -30,7 +30,8 @@ import torchvision
 from torch import Tensor
 
 from dataloaders.base_dataloaders import TensorTargetDataset
-from dataloaders.image_folder import SPLITS, random_hflip, uint8_to_unit_range
+from dataloaders.image_folder import SPLITS, random_hflip
+from dataloaders.images import from_uint8
 
 NUM_CLASSES = 10
 BATCH_FOLDER = "cifar-10-batches-py"
@@ -121,7 +122,7 @@ class CIFAR10Dataset(TensorTargetDataset):
         self.flip = flip
 
     def _prepare(self, x: Tensor) -> Tensor:
-        x = uint8_to_unit_range(x)
+        x = from_uint8(x)
         return random_hflip(x) if self.flip else x
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:

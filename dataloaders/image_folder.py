@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dataloaders.images import from_uint8
+
 # 'reference' is the evaluation's second draw from the data distribution (the floor
 # of a sample metric); image data sets serve it from their training part, unflipped.
 SPLITS = ("train", "test", "reference")
@@ -33,13 +35,7 @@ def load_rgb(path: Path) -> Image.Image:
 def pil_to_tensor(img: Image.Image) -> Tensor:
     """uint8 RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
     array = np.asarray(img, dtype=np.uint8)
-    x = torch.from_numpy(array.copy()).permute(2, 0, 1).float()
-    return x / 127.5 - 1.0
-
-
-def uint8_to_unit_range(x: Tensor) -> Tensor:
-    """uint8 (..., C, H, W) in [0, 255] -> float32 in [-1, 1]."""
-    return x.float() / 127.5 - 1.0
+    return from_uint8(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:

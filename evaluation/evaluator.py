@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from dataloaders.base_dataloaders import make_dataset, stack_targets
 from evaluation.energy_distance import energy_distance
 from evaluation.plots import save_grid, save_plot
+from evaluation.sample import fixed_noise
 from losses.base_loss import BaseLoss, build_loss
 from runs.build import build_vae
 from runs.checkpoint import write_text_atomic
@@ -77,14 +78,6 @@ class Evaluator:
 
             self.fid_extractor = make_feature_extractor(cfg.eval.fid.feature_extractor)
 
-    def noise(self, n: int, seed_offset: int) -> tuple[Tensor, Tensor | None]:
-        gen = torch.Generator().manual_seed(self.cfg.seed + seed_offset)
-        x0 = torch.randn(n, *self.cfg.dataloaders.data_shape, generator=gen)
-        labels = None
-        if self.cfg.model.num_classes > 0:
-            labels = torch.randint(self.cfg.model.num_classes, (n,), generator=gen)
-        return x0, labels
-
     @torch.no_grad()
     def generate(self, model: nn.Module, sampler: Sampler, x0: Tensor, labels: Tensor | None) -> tuple[Tensor, float]:
         """Samples from noise ``x0`` (CPU) in chunks of ``eval.batch_size``, on the CPU,
@@ -115,7 +108,7 @@ class Evaluator:
         from evaluation.fid import compute_fid, fid_against_images
 
         fcfg = self.cfg.eval.fid
-        x0, labels = self.noise(fcfg.num_samples, FID_NOISE)
+        x0, labels = fixed_noise(self.cfg, fcfg.num_samples, self.cfg.seed + FID_NOISE)
         images = self.to_images(self.generate(model, sampler, x0, labels)[0])
         if fcfg.reference == "heldout":
             return fid_against_images(images, self.to_images(self.held_out), fcfg.mode, self.fid_extractor,
@@ -130,7 +123,7 @@ class Evaluator:
         ``{prefix}/nfe[_...]``, beside ``{prefix}/energy_distance_floor``."""
         was_training = model.training
         model.eval()  # the raw weights are evaluated too: no dropout at sampling
-        x0, labels = self.noise(self.held_out.shape[0], SAMPLE_NOISE)
+        x0, labels = fixed_noise(self.cfg, self.held_out.shape[0], self.cfg.seed + SAMPLE_NOISE)
         metrics: dict[str, float] = {f"{prefix}/energy_distance_floor": self.floor}
         samples = {}
         for name, sampler in self.samplers.items():

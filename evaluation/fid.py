@@ -33,6 +33,8 @@ from PIL import Image
 from scipy import linalg
 from torch import Tensor, nn
 
+from dataloaders.images import from_uint8, to_uint8
+
 MISSING_REFERENCE = (
     "FID needs a reference: set eval.fid.reference=/path/to/real/images or a clean-fid dataset name such as cifar10"
 )
@@ -77,18 +79,18 @@ def check_images(samples: Tensor) -> None:
         raise ValueError(f"FID needs at least 2 images (N, 1 or 3, H, W) in [-1, 1], got shape {tuple(samples.shape)}")
 
 
-def to_uint8(samples: Tensor) -> Tensor:
+def to_rgb_uint8(samples: Tensor) -> Tensor:
     """[-1, 1] float (N, C, H, W) -> uint8 (N, 3, H, W) on the CPU, rounded as a PNG save would;
     grey images (C = 1) are repeated to three channels."""
     check_images(samples)
-    x = ((samples.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = to_uint8(samples.detach().float().cpu())
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def write_png_folder(samples: Tensor, folder: Path) -> list[Path]:
     """Save samples ([-1, 1], (N, C, H, W)) as ``000000.png`` ... in ``folder`` (e.g. to build a reference)."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = to_uint8(samples).permute(0, 2, 3, 1).numpy()
+    images = to_rgb_uint8(samples).permute(0, 2, 3, 1).numpy()
     paths = [folder / f"{i:06d}.png" for i in range(images.shape[0])]
     for path, image in zip(paths, images):
         Image.fromarray(image).save(path)
@@ -136,7 +138,7 @@ def sample_features(
         raise ValueError(f"FID mode must be one of {MODES}, got {mode!r}")
     device = torch.device(device) if device is not None else default_device()
     model = feature_extractor if feature_extractor is not None else get_feature_extractor(mode, device)
-    images = to_uint8(samples)
+    images = to_rgb_uint8(samples)
     feeder = _SampleFeeder(images, batch_size)
     # clean-fid draws a latent per batch from the global RNG; keep the caller's RNG stream untouched.
     with torch.random.fork_rng(devices=[]):
@@ -247,7 +249,7 @@ class PooledPixelFeatures(nn.Module):
         self.register_buffer("mix", torch.randn(48, dim, generator=torch.Generator().manual_seed(seed)) / 48**0.5)
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x / 127.5 - 1.0, 4).flatten(1)  # (B, 48)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(from_uint8(x), 4).flatten(1)  # (B, 48)
         return torch.tanh(2.0 * pooled @ self.mix)  # (B, dim)
 
 

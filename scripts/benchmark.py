@@ -7,8 +7,8 @@
 
 Tables (Markdown):
 
-1. Training step: one full optimizer step (loss forward, backward, clip, Adam, EMA: what
-   ``Trainer.train_step`` does, without the loader) on a fixed synthetic batch, for flow
+1. Training step: ``Trainer.train_step`` itself (loss forward, backward, finite check,
+   clip, Adam, EMA, the step's record; no loader) on a fixed synthetic batch, for flow
    matching (``mse``) and MeanFlow with each ``jvp_mode``: median ms, samples/s, peak
    memory. On CUDA the memory is ``max_memory_allocated`` over the timed blocks; on the
    CPU each (model, loss) runs three eager steps in a fresh process (glibc told to unmap
@@ -56,13 +56,16 @@ from torch._inductor.exc import InductorError
 
 from dataloaders.base_dataloaders import BaseItem, make_base_item
 from evaluation.sample import sample_flow, sample_meanflow
+from evaluation.tracking import RunRecord
+from losses.base_loss import LossModule
 from losses.meanflow_loss import MeanFlowLoss
 from losses.mse_loss import FlowMatchingMSELoss
 from models.attention import attention, jvp_safe_attention
 from models.layers import Conv2d, GroupNorm, LayerNorm, Linear, SiLU
 from runs.build import build_model
-from runs.ema import EMA
-from train import LossModule
+from runs.ema import EMASet
+from runs.layout import RunLayout
+from train import PRECISIONS, Trainer, lr_lambda
 
 
 @dataclass(frozen=True)
@@ -115,41 +118,47 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-class StepBench:
-    """One model, optimizer and EMA shared by the losses; ``step(loss)`` is the trainer's step."""
+class StepBench(Trainer):
+    """``Trainer.train_step`` itself on a fixed synthetic batch: one model, optimizer and EMA
+    shared by the losses, each loss with its own (compiled) step module.
 
-    def __init__(self, name: str, device: torch.device, losses: list[str], compiled: bool, bf16: bool) -> None:
+    ``Trainer.__init__`` is not called (it claims a run folder and reads a data set); this
+    builds what ``train_step`` reads, as ``train.py`` builds it, with Adam and a constant
+    learning rate. A step that comes to read more fails here on the missing attribute.
+    """
+
+    def __init__(self, name: str, device: torch.device, losses: list[str], compiled: bool, precision: str) -> None:
         torch.manual_seed(0)
-        self.device, self.bf16 = device, bf16
+        self.device, self.world, self.step, self.epoch, self.batch_in_epoch = device, 1, 0, 0, 0
         self.model = build_model(model_config(name)).to(device).train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.batch_size = MODELS[name].batch_gpu if device.type == "cuda" else MODELS[name].batch_cpu
         self.batch = synthetic_batch(name, self.batch_size, device)
+        self.cfg = OmegaConf.create({"grad_clip": GRAD_CLIP, "batch_size": self.batch_size})
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
-        self.ema = EMA(self.model, 0.999)
-        self.modules: dict[str, nn.Module] = {}
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(0, "constant", 1, 0.0))
+        self.autocast_dtype = PRECISIONS[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.ema = EMASet(self.model, 0.999)
+        self.record, self.ranks_checked = RunRecord(), True
+        self.layout = RunLayout(Path(os.devnull), name, "benchmark")  # a non-finite step reports no checkpoint
+        self.modules: dict[str, tuple[nn.Module, nn.Module]] = {}
         for loss in losses:
             fn = FlowMatchingMSELoss() if loss == "mse" else MeanFlowLoss(jvp_mode=loss.removeprefix("meanflow-"))
             module = LossModule(self.model, fn.to(device))
-            # fixed shapes: automatic dynamic shapes (after a recompile) hit an Inductor error with torch 2.14 on the CPU
-            self.modules[loss] = torch.compile(module, dynamic=False) if compiled else module
+            # dynamic=False, as the trainer compiles: the batch never changes shape
+            self.modules[loss] = (fn, torch.compile(module, dynamic=False) if compiled else module)
 
-    def step(self, loss_name: str) -> None:
-        # bf16: autocast around the loss, as the trainer does; MeanFlow keeps its JVP in fp32 (docs/design.md)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.modules[loss_name](self.batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
-        self.optimizer.step()
-        self.ema.update(self.model, self.batch_size)
+    def run_step(self, loss_name: str) -> None:
+        self.loss_fn, self.step_module = self.modules[loss_name]
+        self.train_step(self.batch)
 
     def timed(self, loss_name: str, n: int) -> list[float]:
         times = []
         for _ in range(n):
             synchronize(self.device)
             start = time.perf_counter()
-            self.step(loss_name)
+            self.run_step(loss_name)
             synchronize(self.device)
             times.append(time.perf_counter() - start)
         return times
@@ -175,7 +184,7 @@ class StepResult:
 def bench_steps(name: str, device: torch.device, compiled: bool, precision: str, repeats: int, block_s: float) -> list[StepResult]:
     """Rounds of one step per loss, the order rotated each round, so that the steps
     compared within a round ran under about the same load."""
-    bench = StepBench(name, device, list(LOSSES), compiled, precision == "bf16")
+    bench = StepBench(name, device, list(LOSSES), compiled, precision)
     first = {loss: bench.timed(loss, 1)[0] for loss in LOSSES}
     slowest = max(max(bench.timed(loss, 2)) for loss in LOSSES)  # warm-up
     rounds = max(repeats, min(50 * repeats, round(repeats * block_s / slowest)))
@@ -200,10 +209,10 @@ def peak_rss_bytes() -> int:
 
 def memory_probe(name: str, loss: str) -> dict:
     """In a fresh process (``--memory-probe``): RSS growth over three eager CPU steps."""
-    bench = StepBench(name, torch.device("cpu"), [loss], compiled=False, bf16=False)
+    bench = StepBench(name, torch.device("cpu"), [loss], compiled=False, precision="fp32")
     before = psutil.Process().memory_info().rss
     for _ in range(3):
-        bench.step(loss)
+        bench.run_step(loss)
     return {"delta_mb": (peak_rss_bytes() - before) / 2**20}
 
 
@@ -222,7 +231,7 @@ def cpu_peak_memory(name: str, loss: str) -> float:
 def profile_step(name: str, device: torch.device, loss: str, top: int = 12) -> list[list[str]]:
     from torch.profiler import ProfilerActivity, profile
 
-    bench = StepBench(name, device, [loss], compiled=False, bf16=False)
+    bench = StepBench(name, device, [loss], compiled=False, precision="fp32")
     bench.timed(loss, 2)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
         bench.timed(loss, 3)

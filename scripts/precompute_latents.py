@@ -32,6 +32,8 @@ from dataloaders.imagenet import (
     write_shard,
 )
 from models.vae.vae import SDVAE
+from runs.errors import RunError, report
+from runs.machine import resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,16 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     return parser.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -81,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     data_root = Path(args.data_root).expanduser()
     out = Path(args.out).expanduser()
     dataset = ClassFolderDataset(data_root, args.image_size, flip=False)  # validates the layout first
+    device = resolve_device(args.device)
     prepare_output(out, args.overwrite)
-    device = pick_device(args.device)
     vae = SDVAE(args.vae, subfolder=args.subfolder, scaling_factor=args.scaling_factor, sample_posterior=args.sample)
     vae = vae.to(device).eval()
 
@@ -132,4 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RunError as err:  # a device this machine lacks: one line
+        raise SystemExit(report(err)) from None

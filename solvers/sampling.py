@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.unified_input import make_unified_flow_matching_input
 from helpers_cfg import guided_velocity
-from solvers.base_solver import uniform_grid
+from models.unified_input import make_unified_flow_matching_input
+from solvers.base_solver import time_grid
 from solvers.runge_kutta import make_solver
 
 
@@ -72,7 +72,7 @@ def sample_meanflow(
     Guidance for MeanFlow is learned into the model at training time (MeanFlow paper,
     Sec. 4.2), so sampling reads the conditional model once per step.
     """
-    grid = uniform_grid(num_steps) if times is None else times.to(torch.float64)
+    grid = time_grid(num_steps, times)
     x = x0
     trajectory = [x0] if return_trajectory else None
     for k in range(len(grid) - 1):

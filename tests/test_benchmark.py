@@ -1,7 +1,7 @@
 """scripts/benchmark.py runs as a file in its quick mode and prints well-formed tables.
 
-Smoke test only: the timings depend on the machine and its load, so nothing is
-asserted about their size beyond being positive numbers.
+The timings depend on the machine and its load, so nothing is asserted about their size
+beyond being positive numbers; the CPU memory column must hold what the steps allocate.
 """
 
 import subprocess
@@ -47,11 +47,15 @@ def test_quick_benchmark_tables(tmp_path: Path) -> None:
     assert {r["loss"] for r in steps} == {"mse", "meanflow-fused", "meanflow-separate"}
     for r in steps:
         assert float(r["median ms/step"]) > 0 and float(r["samples/s"]) > 0
-        assert float(r["peak MiB (RSS growth)"]) >= 0  # CPU: measured in a fresh subprocess
+        # The probed steps allocate the gradients and Adam's two moments after the baseline
+        # is read, in fresh pages (the probe's glibc unmaps freed blocks): three fp32 copies
+        # of the weights at least.
+        weights_mib = float(r["params"].removesuffix("M")) * 1e6 * 4 / 2**20
+        assert float(r["peak MiB (RSS growth)"]) >= 3 * weights_mib, r
 
     (ratio,) = tables["MeanFlow over flow matching"]
     for key in ("fused / FM (IQR)", "separate / FM (IQR)"):
-        median, spread = ratio[key].split(" ")  # "1.42x (1.38-1.51)"
+        median, spread = ratio[key].split(" ")  # "<median>x (<q1>-<q3>)"
         lo, hi = (float(v) for v in spread.strip("()").split("-"))
         assert 0 < lo <= float(median.removesuffix("x")) <= hi
     for key in ("fused best / FM best", "separate best / FM best", "fused memory / FM", "separate memory / FM"):

@@ -1,4 +1,5 @@
-"""Image data sets read small files written here in each data set's real on-disk format."""
+"""Image data sets read small files written here in each data set's real on-disk format; the
+uint8 <-> [-1, 1] maps they share."""
 
 import pickle
 from pathlib import Path
@@ -14,6 +15,22 @@ from torch.utils.data import DataLoader
 from dataloaders import celeba, cifar10, digits, imagenet
 from dataloaders.base_dataloaders import DictDatasetAdapter, collate_base_items
 from dataloaders.image_folder import seeded_split
+from dataloaders.images import from_uint8, to_uint8
+
+# ---------------------------------------------------------------------------------
+# The two image ranges
+# ---------------------------------------------------------------------------------
+
+
+def test_uint8_levels_round_trip_and_round_to_the_nearest():
+    levels = torch.arange(256, dtype=torch.uint8)
+    x = from_uint8(levels)
+    assert x.dtype == torch.float32 and x[0] == -1 and x[-1] == 1
+    assert torch.equal(to_uint8(x), levels)
+    step = 2 / 255  # one level in [-1, 1]
+    assert torch.equal(to_uint8(x[:-1] + 0.4 * step), levels[:-1])  # under half a level: kept
+    assert torch.equal(to_uint8(x[:-1] + 0.6 * step), levels[1:])  # over half: the next (not floored)
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # outside [-1, 1]: clamped
 
 
 # ---------------------------------------------------------------------------------

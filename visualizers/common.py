@@ -3,9 +3,7 @@ the picture, drawing frames with matplotlib and writing them as GIF (and MP4).
 
 Run the visualizers as modules from the repository root (they import the project
 absolutely): ``python -m visualizers.flow_trajectories --run-name NAME``, or all of
-them with ``visualizers/vis_all.sh``. This module also answers ``vis_all.sh``'s
-question about a run: ``python -m visualizers.common describe [RUN_NAME]`` prints
-``run_name kind loss archived_count`` (kind: 2d, image, latent or dense).
+them with ``visualizers/vis_all.sh``.
 
 Output: ``<out>/<visualizer>.gif`` always (Pillow, through imageio), and
 ``<out>/<visualizer>.mp4`` (H.264) with the ffmpeg binary that the imageio-ffmpeg
@@ -55,7 +53,7 @@ class VisError(ValueError):
 
 @dataclass
 class RunInfo:
-    """A trained run on disk: its layout (``models/runs.py``) and resolved config."""
+    """A trained run on disk: its layout (``runs/layout.py``) and resolved config."""
 
     layout: RunLayout
     cfg: DictConfig
@@ -140,14 +138,6 @@ def reference_data(cfg: DictConfig, n: int) -> np.ndarray | None:
     return stack_targets(dataset, pick.tolist())[0].float().numpy()
 
 
-def noise_and_labels(cfg: DictConfig, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fixed noise (and random class labels for a conditional model) from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(n, *cfg.dataloaders.data_shape, generator=gen)
-    labels = torch.randint(cfg.model.num_classes, (n,), generator=gen) if cfg.model.num_classes > 0 else None
-    return x0, labels
-
-
 def plot_limits(*clouds: np.ndarray | None) -> float:
     """A square half-width holding 99.5% of every point cloud, plus a margin."""
     values = np.concatenate([np.abs(c[:, :2]).ravel() for c in clouds if c is not None])
@@ -187,18 +177,22 @@ def figure_frame(fig: plt.Figure) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (the data sets' range) -> uint8 in [0, 255]."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def square_figure() -> tuple[plt.Figure, plt.Axes]:
+    """A 480 x 480 figure of one panel, with room above it for a title."""
+    fig, ax = plt.subplots(figsize=(480 / DPI, 480 / DPI), dpi=DPI)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92)
+    return fig, ax
 
 
-def add_common_args(
-    parser: argparse.ArgumentParser,
+def make_parser(
+    doc: str,
     steps_help: str,
     steps_default: str | int | None,
     num_samples_default: int | None = 500,
     fps_default: int = 12,
-) -> None:
+) -> argparse.ArgumentParser:
+    """A visualizer's command line: the first paragraph of its ``doc`` and the options every visualizer takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--run-name", default=None, help="run to draw (default: the newest last.pt under --ckpt-root)")
     parser.add_argument("--ckpt-root", default=DEFAULT_CKPT_ROOT, help="root of <arch>/<run>/last.pt and <arch>/archive/")
     parser.add_argument("--out", default=None, help="output folder (default outputs/vis/<run_name>)")
@@ -207,13 +201,17 @@ def add_common_args(
     parser.add_argument("--fps", type=int, default=fps_default, help=f"frames per second (default {fps_default})")
     parser.add_argument("--seed", type=int, default=0, help="seeds the noise, so reruns draw the same particles")
     parser.add_argument("--no-mp4", action="store_true", help="write the GIF only")
+    return parser
 
 
-def check_common_args(args: argparse.Namespace) -> None:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` and check the options every visualizer takes."""
+    args = parser.parse_args(argv)
     if args.num_samples is not None and args.num_samples < 1:
         raise VisError(f"--num-samples {args.num_samples}: expected >= 1")
     if args.fps < 1:
         raise VisError(f"--fps {args.fps}: expected >= 1")
+    return args
 
 
 def parse_steps(text: str | int) -> list[int]:
@@ -226,8 +224,18 @@ def parse_steps(text: str | int) -> list[int]:
     return counts
 
 
-def output_dir(args: argparse.Namespace, run: RunInfo) -> Path:
-    return Path(args.out) if args.out is not None else DEFAULT_VIS_ROOT / run.name
+def one_step_count(text: str | int, visualizer: str) -> int:
+    counts = parse_steps(text)
+    if len(counts) != 1:
+        raise VisError(f"--steps {text!r}: {visualizer} takes one step count")
+    return counts[0]
+
+
+def open_run(args: argparse.Namespace, kinds: tuple[str, ...], visualizer: str) -> RunInfo:
+    """The run ``--run-name`` names (or the newest), refused unless it has data of one of ``kinds``."""
+    run = find_run(args.ckpt_root, args.run_name)
+    require_kind(run, kinds, visualizer)
+    return run
 
 
 def ffmpeg_available() -> bool:
@@ -271,6 +279,12 @@ def write_animation(
     return written
 
 
+def save_animation(frames: list[np.ndarray], args: argparse.Namespace, run: RunInfo, stem: str) -> list[Path]:
+    """``write_animation`` into ``--out`` (default ``outputs/vis/<run_name>``) with ``--fps`` and ``--no-mp4``."""
+    out_dir = Path(args.out) if args.out is not None else DEFAULT_VIS_ROOT / run.name
+    return write_animation(frames, out_dir, stem, args.fps, mp4=not args.no_mp4)
+
+
 def run_cli(main) -> None:
     """Run a visualizer's ``main``; bad input is one line on stderr and exit 2."""
     try:
@@ -280,22 +294,3 @@ def run_cli(main) -> None:
         raise SystemExit(2) from None
     for path in written:
         print(path)
-
-
-def describe(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="print: run_name kind loss archived_count")
-    parser.add_argument("command", choices=["describe"])
-    parser.add_argument("run_name", nargs="?", default=None, help="default: the newest last.pt")
-    parser.add_argument("--ckpt-root", default=DEFAULT_CKPT_ROOT)
-    args = parser.parse_args(argv)
-
-    def main() -> list[Path]:
-        run = find_run(args.ckpt_root, args.run_name or None)
-        print(run.name, run.kind, run.cfg.loss.name, len(run.archived()))
-        return []
-
-    run_cli(main)
-
-
-if __name__ == "__main__":
-    describe()

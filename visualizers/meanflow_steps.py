@@ -13,9 +13,6 @@ price of fewer steps reads off the picture. Writes ``meanflow_steps.gif`` (and
 ``.mp4``) into ``--out`` (default ``outputs/vis/<run_name>``).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,24 +25,8 @@ import numpy as np
 import torch
 
 from evaluation.energy_distance import energy_distance
-from evaluation.sample import load_checkpoint_model, sample_meanflow
-from visualizers.common import (
-    DPI,
-    ScatterPanel,
-    VisError,
-    add_common_args,
-    check_common_args,
-    figure_frame,
-    find_run,
-    noise_and_labels,
-    output_dir,
-    parse_steps,
-    plot_limits,
-    reference_data,
-    require_kind,
-    run_cli,
-    write_animation,
-)
+from evaluation.sample import fixed_noise, load_checkpoint_model, sample_meanflow
+from visualizers import common
 
 
 def states_at(grid_states: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
@@ -64,32 +45,30 @@ def states_at(grid_states: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarr
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser, "comma list of MeanFlow step counts, one panel each (default 1,2,4)", "1,2,4")
+    parser = common.make_parser(__doc__, "comma list of MeanFlow step counts, one panel each (default 1,2,4)", "1,2,4")
     parser.add_argument("--frames", type=int, default=30, help="animation frames over t in [0, 1] (default 30)")
-    args = parser.parse_args(argv)
-    check_common_args(args)
-    step_counts = parse_steps(args.steps)
+    args = common.parse_args(parser, argv)
+    step_counts = common.parse_steps(args.steps)
     if args.frames < 2:
-        raise VisError(f"--frames {args.frames}: expected >= 2")
+        raise common.VisError(f"--frames {args.frames}: expected >= 2")
 
-    run = find_run(args.ckpt_root, args.run_name)
-    require_kind(run, ("2d",), "meanflow_steps")
+    run = common.open_run(args, ("2d",), "meanflow_steps")
     if not run.jumps:
-        raise VisError(f"meanflow_steps draws runs whose loss samples in mean-flow jumps (meanflow, imf, alphaflow); run {run.name!r} was trained with loss {run.cfg.loss.name}")
+        raise common.VisError(f"meanflow_steps draws runs whose loss samples in mean-flow jumps (meanflow, imf, alphaflow); run {run.name!r} was trained with loss {run.cfg.loss.name}")
     model, cfg = load_checkpoint_model(str(run.last))
-    x0, labels = noise_and_labels(cfg, args.num_samples, args.seed)
-    data = reference_data(cfg, 2000)
+    x0, labels = fixed_noise(cfg, args.num_samples, args.seed)
+    data = common.reference_data(cfg, 2000)
     results = []
     for k in step_counts:
         states = torch.stack(sample_meanflow(model, x0, num_steps=k, label=labels, return_trajectory=True).trajectory)
         distance = energy_distance(states[-1], torch.from_numpy(data)) if data is not None else float("nan")
         results.append((k, states.numpy(), distance))
 
-    fig, axes = plt.subplots(1, len(results), figsize=(480 * len(results) / DPI, 480 / DPI), dpi=DPI, squeeze=False)
+    side = 480 / common.DPI  # inches of a 480-pixel panel
+    fig, axes = plt.subplots(1, len(results), figsize=(side * len(results), side), dpi=common.DPI, squeeze=False)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.04)
-    limit = plot_limits(data, *[states[-1] for _, states, _ in results])
-    panels = [ScatterPanel(ax, data, limit, trails=True) for ax in axes[0]]
+    limit = common.plot_limits(data, *[states[-1] for _, states, _ in results])
+    panels = [common.ScatterPanel(ax, data, limit, trails=True) for ax in axes[0]]
     frames = []
     for tau in np.linspace(0.0, 1.0, args.frames):
         for panel, (k, states, distance) in zip(panels, results, strict=True):
@@ -97,10 +76,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
             label = f"{k} step{'s' if k > 1 else ''} (NFE {k})"
             panel.update(now, paths, f"{label}   ED {distance:.3g}")
         fig.suptitle(f"{run.name} · MeanFlow   t = {tau:.2f}", fontsize=11)
-        frames.append(figure_frame(fig))
+        frames.append(common.figure_frame(fig))
     plt.close(fig)
-    return write_animation(frames, output_dir(args, run), "meanflow_steps", args.fps, mp4=not args.no_mp4)
+    return common.save_animation(frames, args, run, "meanflow_steps")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    common.run_cli(main)

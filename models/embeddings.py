@@ -1,11 +1,22 @@
-"""Time embeddings shared by the image models (SmallCNN, UNet, DiT).
+"""Time and condition embeddings shared by the image models (SmallCNN, UNet, DiT).
 
-Every model is a mean-velocity field ``u(x_s, s, t)`` (docs/design.md). The image models
-embed the start time ``s`` and the interval ``t - s`` (not ``t`` itself): the
-MeanFlow paper (Geng et al. 2025, Table 1c) found the pair (time, interval) the
-best of the choices it tried, and with ``s = t`` (flow matching) the interval
-embedding is a constant, so a flow-matching model is the ``t - s = 0`` slice of a
-MeanFlow model. Each time gets its own embedder and the two are summed.
+Every model is a mean-velocity field ``u(x_s, s, t)`` (docs/design.md). Which
+functions of the two times it embeds is ``time_cond`` (``TIME_CONDS``), each time
+with its own embedder and the results summed. In the MeanFlow paper's convention
+(noise at time 1) its ``(t, r)`` is ``(1 - s, 1 - t)`` here and its interval
+``t - r`` is ``h = t - s``:
+
+- ``s_h``: s and h, the paper's (t, t - r), which it found best (Geng et al. 2025,
+  Table 1c); the default. With ``s = t`` (flow matching) the h embedding is a
+  constant, so a flow-matching model is the ``h = 0`` slice of a MeanFlow model;
+- ``s_t``: s and t, the paper's (t, r);
+- ``t_h``: t and h, the paper's (r, t - r);
+- ``s_t_h``: all three, the paper's (t, r, t - r);
+- ``h``: h alone, the paper's t - r, as iMF's DiT ("Improved Mean Flows", Geng et
+  al. 2025): the noise level is left to be read from the state.
+
+Extra scalar conditions (``num_conds``: a guidance scale, an interval's bounds) are
+embedded like a time, one embedder each.
 """
 
 import math
@@ -47,16 +58,62 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(sinusoidal_embedding(t, self.frequency_dim))  # (B, out_dim)
 
 
-class IntervalTimeEmbedder(nn.Module):
-    """Embeds both times of ``u(x_s, s, t)``: ``emb(s) + emb'(t - s)``, (B,), (B,) -> (B, out_dim)."""
+# time_cond -> the times it embeds, in the order their embedders are built
+TIME_CONDS: dict[str, tuple[str, ...]] = {"s_h": ("s", "h"), "s_t": ("s", "t"), "t_h": ("t", "h"),
+                                          "s_t_h": ("s", "t", "h"), "h": ("h",)}
 
-    def __init__(self, out_dim: int, frequency_dim: int = 256) -> None:
+
+def check_time_cond(time_cond: str) -> None:
+    if time_cond not in TIME_CONDS:
+        raise ValueError(f"time_cond={time_cond!r}: expected one of {list(TIME_CONDS)} (models/embeddings.py)")
+
+
+def time_inputs(s: Tensor, t: Tensor, time_cond: str) -> list[Tensor]:
+    """The times ``time_cond`` reads from ``(s, t)``, each (B,), in ``TIME_CONDS`` order."""
+    named = {"s": s, "t": t, "h": t - s}
+    return [named[name] for name in TIME_CONDS[time_cond]]
+
+
+class TimeEmbedder(nn.Module):
+    """Embeds the times ``time_cond`` reads (module docstring), each with its own
+    ``TimestepEmbedder``: (B,), (B,) -> (B, out_dim), their sum. The embedders are
+    ``s_embedder``, ``t_embedder`` and ``interval_embedder`` (for h)."""
+
+    NAMES = {"s": "s_embedder", "t": "t_embedder", "h": "interval_embedder"}
+
+    def __init__(self, out_dim: int, frequency_dim: int = 256, time_cond: str = "s_h") -> None:
         super().__init__()
-        self.s_embedder = TimestepEmbedder(out_dim, frequency_dim)
-        self.interval_embedder = TimestepEmbedder(out_dim, frequency_dim)
+        check_time_cond(time_cond)
+        self.time_cond = time_cond
+        for name in TIME_CONDS[time_cond]:
+            setattr(self, self.NAMES[name], TimestepEmbedder(out_dim, frequency_dim))
+
+    def embedders(self) -> list[TimestepEmbedder]:
+        return [getattr(self, self.NAMES[name]) for name in TIME_CONDS[self.time_cond]]
+
+    def embeddings(self, s: Tensor, t: Tensor) -> list[Tensor]:
+        """One (B, out_dim) embedding per time read (the DiT's in-context tokens)."""
+        return [embed(time) for embed, time in zip(self.embedders(), time_inputs(s, t, self.time_cond))]
 
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
-        return self.s_embedder(s) + self.interval_embedder(t - s)  # (B, out_dim)
+        first, *rest = self.embeddings(s, t)
+        for emb in rest:
+            first = first + emb
+        return first  # (B, out_dim)
+
+
+class ConditionEmbedder(nn.Module):
+    """Extra scalar conditions (guidance scale, interval bounds), each embedded like a
+    time by its own ``TimestepEmbedder``: (B, num_conds) -> list of (B, out_dim).
+    The embedding is scaled for values in [0, 1]: a guidance scale ω >= 1 fits as
+    1 - 1/ω, the form iMF's DiT embeds."""
+
+    def __init__(self, num_conds: int, out_dim: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.embedders = nn.ModuleList([TimestepEmbedder(out_dim, frequency_dim) for _ in range(num_conds)])
+
+    def forward(self, cond: Tensor) -> list[Tensor]:
+        return [embed(cond[:, i]) for i, embed in enumerate(self.embedders)]
 
 
 class ClassEmbedder(nn.Module):

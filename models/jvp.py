@@ -2,6 +2,10 @@
 directional derivative along a tangent on the unified input.
 
     u, du = primal_and_tangent(u_fn, z, tangent_z, mode)
+    (u, v), (du, dv) = primal_and_tangent(lambda z: model(z, head="both"), z, tangent_z, mode)
+
+A function of several outputs (a model's ``head="both"``) gives tuples of primals and
+tangents; eagerly every tangent is computed, read or not (iMF reads du, not dv).
 
 ``mode``:
 
@@ -27,6 +31,7 @@ autocast off around it: the tangent of a half-precision forward overflows.
 """
 
 from collections.abc import Callable
+from typing import TypeAlias
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -38,12 +43,15 @@ from runs.machine import rewound_rng
 
 JVP_MODES = ("fused", "separate")
 
+Outputs: TypeAlias = Tensor | tuple[Tensor, ...]
 
-def primal_and_tangent(fn: Callable[[Tensor], Tensor], z: Tensor, tangent: Tensor, mode: str) -> tuple[Tensor, Tensor]:
-    """``(fn(z), d/dε fn(z + ε tangent) at ε = 0)``; the first with gradient, the second detached.
+
+def primal_and_tangent(fn: Callable[[Tensor], Outputs], z: Tensor, tangent: Tensor, mode: str) -> tuple[Outputs, Outputs]:
+    """``(fn(z), d/dε fn(z + ε tangent) at ε = 0)``; the first with gradient, the second
+    detached; tuples of the same length where ``fn`` returns a tuple.
 
     Args:
-        fn: the model on the unified input, ``(B, ...) -> (B, ...)``.
+        fn: the model on the unified input, ``(B, ...) -> (B, ...)`` or a tuple of such.
         z: the unified input (B, D + 2) or (B, C + 2, H, W).
         tangent: same shape as ``z``.
         mode: ``fused`` or ``separate`` (module docstring).
@@ -55,19 +63,21 @@ def primal_and_tangent(fn: Callable[[Tensor], Tensor], z: Tensor, tangent: Tenso
         if mode == "fused" or torch.compiler.is_compiling():
             with tangents_without_graph():
                 u, du = _jvp(fn, z, tangent)
-            return u, du.detach()
+            return u, (tuple(d.detach() for d in du) if isinstance(du, tuple) else du.detach())
         with rewound_rng(z.device), torch.no_grad():
             _, du = _jvp(fn, z, tangent)
         return fn(z), du  # the same dropout mask as the JVP: the RNG was rewound
 
 
-def _jvp(fn: Callable[[Tensor], Tensor], z: Tensor, tangent: Tensor) -> tuple[Tensor, Tensor]:
+def _jvp(fn: Callable[[Tensor], Outputs], z: Tensor, tangent: Tensor) -> tuple[Outputs, Outputs]:
     """``(fn(z), J_fn(z) tangent)`` (module docstring: dual tensors eagerly,
     ``torch.func.jvp`` under torch.compile)."""
     if torch.compiler.is_compiling():
         return torch.func.jvp(fn, (z,), (tangent,))
     with fwAD.dual_level():
-        u, du = fwAD.unpack_dual(fn(fwAD.make_dual(z, tangent)))
-    if du is None:  # an output that does not depend on z has no tangent here; torch.func.jvp gives zeros
-        du = torch.zeros_like(u)
-    return u, du
+        out = fn(fwAD.make_dual(z, tangent))
+        pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
+    # an output that does not depend on z has no tangent here; torch.func.jvp gives zeros
+    us = tuple(p.primal for p in pairs)
+    dus = tuple(torch.zeros_like(p.primal) if p.tangent is None else p.tangent for p in pairs)
+    return (us, dus) if isinstance(out, tuple) else (us[0], dus[0])

@@ -1,9 +1,10 @@
 """SmallCNN: a small convolutional mean-velocity field for images (about 0.5M parameters).
 
 A two-level U-shaped conv net: residual blocks at full resolution, one downsampling
-to half resolution, and back up with a skip connection. The two times (``s`` and
-``t - s``, see ``models/embeddings.py``) and the optional class are embedded into one
-vector that every residual block adds to its features. Meant for quick experiments
+to half resolution, and back up with a skip connection. The times (``time_cond``: ``s``
+and ``t - s`` by default, see ``models/embeddings.py``), the optional class and extra
+conditions are embedded into one vector that every residual block adds to its
+features. With ``aux_head`` a second output norm and conv give the auxiliary velocity. Meant for quick experiments
 on MNIST / CIFAR-10 and for tests; the UNet is the model for real runs.
 """
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from models.base_model import BaseModel
 from models.unified_input import split_unified_input
-from models.embeddings import ClassEmbedder, IntervalTimeEmbedder, check_levels
+from models.embeddings import ClassEmbedder, ConditionEmbedder, TimeEmbedder, check_levels
 from models.layers import Conv2d, GroupNorm, Linear, silu
 
 
@@ -50,6 +51,8 @@ class SmallCNN(BaseModel):
             learned null class at index ``num_classes``.
         dropout: dropout inside the residual blocks.
         num_groups: GroupNorm groups (must divide every level's width).
+        num_conds, aux_head, time_cond: extra conditions, the auxiliary output layer,
+            the times embedded (``models/base_model.py``).
     """
 
     def __init__(
@@ -63,8 +66,11 @@ class SmallCNN(BaseModel):
         num_classes: int = 0,
         dropout: float = 0.0,
         num_groups: int = 8,
+        num_conds: int = 0,
+        aux_head: bool = False,
+        time_cond: str = "s_h",
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__(num_classes, num_conds=num_conds, aux_head=aux_head, time_cond=time_cond)
         channel_mult = tuple(channel_mult)
         check_levels("SmallCNN", image_size, channel_mult)
         widths = [hidden_channels * m for m in channel_mult]
@@ -73,8 +79,9 @@ class SmallCNN(BaseModel):
         self.in_channels = in_channels
         self.image_size = image_size
 
-        self.time_embed = IntervalTimeEmbedder(emb_dim, frequency_dim=64)
+        self.time_embed = TimeEmbedder(emb_dim, frequency_dim=64, time_cond=time_cond)
         self.class_embed = ClassEmbedder(num_classes, emb_dim) if num_classes > 0 else None
+        self.cond_embed = ConditionEmbedder(num_conds, emb_dim, frequency_dim=64) if num_conds > 0 else None
         self.conv_in = Conv2d(in_channels, widths[0], 3, padding=1)
 
         block = lambda i, o: ResBlock(i, o, emb_dim, num_groups, dropout)
@@ -98,6 +105,8 @@ class SmallCNN(BaseModel):
                 ch = widths[level - 1]
         self.norm_out = GroupNorm(num_groups, ch)
         self.conv_out = Conv2d(ch, in_channels, 3, padding=1)
+        self.aux_norm_out = GroupNorm(num_groups, ch) if aux_head else None
+        self.aux_conv_out = Conv2d(ch, in_channels, 3, padding=1) if aux_head else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -109,18 +118,26 @@ class SmallCNN(BaseModel):
                 # identity, so the initial net is a shallow conv path and trains stably.
                 nn.init.zeros_(module.conv2.weight)
                 nn.init.zeros_(module.conv2.bias)
-        # Zero output conv: the initial velocity is 0 everywhere, the usual
-        # starting point of diffusion/flow nets (loss starts at E|v|^2).
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        # Zero output convs (u's and the auxiliary v's): the initial velocity is 0
+        # everywhere, the usual starting point of diffusion/flow nets (loss starts at E|v|^2).
+        for conv in (self.conv_out, self.aux_conv_out):
+            if conv is not None:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
-    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None, cond: Tensor | None = None,
+                head: str = "u") -> Tensor | tuple[Tensor, Tensor]:
         x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
+        self.check_head(head)
         y = self.labels(y, z)  # None or (B,), the null class where no label
         self.augment_labels(aug, z)  # no augment input: refuses labels
+        cond = self.conditions(cond, z)  # None or (B, num_conds)
         emb = self.time_embed(s, t)  # (B, E)
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)
+        if self.cond_embed is not None:
+            for c in self.cond_embed(cond):
+                emb = emb + c
         h = self.conv_in(x)  # (B, w0, H, W)
         skips = []
         for level, blocks in enumerate(self.down):
@@ -136,4 +153,10 @@ class SmallCNN(BaseModel):
             if i < len(self.upsample):
                 h = nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
                 h = self.upsample[i](h)
-        return self.conv_out(silu(self.norm_out(h)))  # (B, C, H, W)
+        return self.outputs(head, h, self._u_out, self._v_out)  # (B, C, H, W), or two
+
+    def _u_out(self, h: Tensor) -> Tensor:
+        return self.conv_out(silu(self.norm_out(h)))
+
+    def _v_out(self, h: Tensor) -> Tensor:
+        return self.aux_conv_out(silu(self.aux_norm_out(h)))

@@ -1,8 +1,12 @@
 """MLP mean-velocity field for dense (B, D) data.
 
 The unified input ``[x, s, t]`` (docs/design.md) goes straight into the first layer, with
-the two times also fed through a small sinusoidal embedding so that the network
-can resolve fine structure in time. Output: ``u(x_s, s, t)`` of shape (B, D).
+the times ``time_cond`` reads (``models/embeddings.py``; s and t - s by default) also
+fed through a small sinusoidal embedding so that the network can resolve fine
+structure in time; with ``time_cond="h"`` the first layer sees ``[x, t - s]`` alone.
+Extra conditions enter the first layer the same way, raw and embedded. Output:
+``u(x_s, s, t)`` of shape (B, D), and with ``aux_head`` a second output layer on the
+same body gives the auxiliary velocity.
 """
 
 import math
@@ -11,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from models.base_model import BaseModel
+from models.embeddings import TIME_CONDS, time_inputs
 from models.unified_input import split_unified_input
 from models.layers import GELU, Linear, SiLU
 
@@ -47,6 +52,8 @@ class MLP(BaseModel):
         num_classes: 0 for an unconditional model; otherwise a learned class
             embedding with a null class at index ``num_classes`` (for guidance).
         dropout: dropout after each hidden activation.
+        num_conds, aux_head, time_cond: extra conditions, the auxiliary output layer,
+            the times embedded (``models/base_model.py``).
     """
 
     def __init__(
@@ -59,8 +66,11 @@ class MLP(BaseModel):
         max_freq: float = 16.0,
         num_classes: int = 0,
         dropout: float = 0.0,
+        num_conds: int = 0,
+        aux_head: bool = False,
+        time_cond: str = "s_h",
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__(num_classes, num_conds=num_conds, aux_head=aux_head, time_cond=time_cond)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
         if depth < 1 or hidden < 1 or data_dim < 1:
@@ -68,7 +78,8 @@ class MLP(BaseModel):
         self.data_dim = data_dim
         self.time_embed_dim = time_embed_dim
         self.max_freq = max_freq
-        in_dim = data_dim + 2 + 2 * time_embed_dim
+        raw_times = 1 if time_cond == "h" else 2  # [s, t] of the unified input, or h alone
+        in_dim = data_dim + raw_times + len(TIME_CONDS[time_cond]) * time_embed_dim + num_conds * (1 + time_embed_dim)
         self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
         layers: list[nn.Module] = []
         for i in range(depth):
@@ -78,15 +89,21 @@ class MLP(BaseModel):
         self.body = nn.Sequential(*layers[:2])  # first layer; the class embedding is added after it
         self.rest = nn.Sequential(*layers[2:])
         self.out = Linear(hidden, data_dim)
+        self.aux_out = Linear(hidden, data_dim) if aux_head else None
 
-    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
-        _, s, t = split_unified_input(z)  # (B, D), (B,), (B,): z itself is the first layer's input
+    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None, cond: Tensor | None = None,
+                head: str = "u") -> Tensor | tuple[Tensor, Tensor]:
+        x, s, t = split_unified_input(z)  # (B, D), (B,), (B,)
+        self.check_head(head)
         y = self.labels(y, z)  # None or (B,), the null class where no label
         self.augment_labels(aug, z)  # no augment input: refuses labels
-        feats = [z]
+        cond = self.conditions(cond, z)  # None or (B, num_conds)
+        times = time_inputs(s, t, self.time_cond)  # each (B,)
+        raw = torch.cat([x, times[0][:, None]], dim=1) if self.time_cond == "h" else z  # [x, h] or [x, s, t]
+        feats, scalars = ([raw], times) if cond is None else ([raw, cond], times + list(cond.unbind(1)))
         if self.time_embed_dim > 0:
-            feats += [fourier_time_features(s, self.time_embed_dim, self.max_freq), fourier_time_features(t - s, self.time_embed_dim, self.max_freq)]
+            feats += [fourier_time_features(c, self.time_embed_dim, self.max_freq) for c in scalars]
         h = self.body(torch.cat(feats, dim=1))  # (B, hidden)
         if self.class_embed is not None:
             h = h + self.class_embed(y)
-        return self.out(self.rest(h))  # (B, D)
+        return self.outputs(head, self.rest(h), self.out, self.aux_out)  # (B, D), or two

@@ -12,9 +12,11 @@ MeanFlow paper uses on CIFAR-10 (Geng et al. 2025, Sec. 5.3: about 55M parameter
 - the encoder stores every block's output and the decoder concatenates them back;
 - a zero-initialised output conv, so the initial velocity is 0.
 
-Time: the start time ``s`` and the interval ``t - s`` each go through a sinusoidal
-embedding and their own MLP; the results are summed (``models/embeddings.py``) and
-the optional class embedding (learned null class at index ``num_classes``) is added.
+Time: the times ``time_cond`` reads (by default the start time ``s`` and the interval
+``t - s``) each go through a sinusoidal embedding and their own MLP; the results are
+summed (``models/embeddings.py``) and the optional class embedding (learned null class
+at index ``num_classes``), augment label and extra conditions are added. With
+``aux_head`` a second output norm and conv on the same body give the auxiliary velocity.
 
 With ``model_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4,
 attention_resolutions=(16,)`` at 32x32 the network has 55.8M parameters (EDM's DDPM++ at
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 from models.attention import attention
 from models.base_model import BaseModel
 from models.unified_input import split_unified_input
-from models.embeddings import AugmentEmbedder, ClassEmbedder, IntervalTimeEmbedder, check_levels
+from models.embeddings import AugmentEmbedder, ClassEmbedder, ConditionEmbedder, TimeEmbedder, check_levels
 from models.layers import Conv2d, GroupNorm, Linear, silu
 
 SKIP_SCALE = 1 / math.sqrt(2)  # DDPM++ rescales every residual sum so its variance stays ~1
@@ -112,6 +114,8 @@ class UNet(BaseModel):
         augment_dim: size of the EDM augment label (0: none); its bias-free linear map
             is added to the time embedding beside the class (zero label at sampling).
         num_heads: attention heads (DDPM++ uses 1).
+        num_conds, aux_head, time_cond: extra conditions, the auxiliary output layer,
+            the times embedded (``models/base_model.py``).
     """
 
     def __init__(
@@ -126,8 +130,11 @@ class UNet(BaseModel):
         num_classes: int = 0,
         augment_dim: int = 0,
         num_heads: int = 1,
+        num_conds: int = 0,
+        aux_head: bool = False,
+        time_cond: str = "s_h",
     ) -> None:
-        super().__init__(num_classes, augment_dim)
+        super().__init__(num_classes, augment_dim, num_conds, aux_head, time_cond)
         channel_mult = tuple(channel_mult)
         attention_resolutions = tuple(attention_resolutions)
         check_levels("UNet", image_size, channel_mult)
@@ -141,9 +148,10 @@ class UNet(BaseModel):
         self.image_size = image_size
         emb_dim = 4 * model_channels  # ADM/DDPM++ embedding width
 
-        self.time_embed = IntervalTimeEmbedder(emb_dim, frequency_dim=model_channels)
+        self.time_embed = TimeEmbedder(emb_dim, frequency_dim=model_channels, time_cond=time_cond)
         self.class_embed = ClassEmbedder(num_classes, emb_dim) if num_classes > 0 else None
         self.augment_embed = AugmentEmbedder(augment_dim, emb_dim) if augment_dim > 0 else None
+        self.cond_embed = ConditionEmbedder(num_conds, emb_dim, frequency_dim=model_channels) if num_conds > 0 else None
 
         # Encoder: every module's output is kept as a skip for the decoder.
         self.conv_in = Conv2d(in_channels, model_channels, 3, padding=1)
@@ -179,6 +187,8 @@ class UNet(BaseModel):
 
         self.norm_out = group_norm(ch)
         self.conv_out = Conv2d(ch, in_channels, 3, padding=1)
+        self.aux_norm_out = group_norm(ch) if aux_head else None
+        self.aux_conv_out = Conv2d(ch, in_channels, 3, padding=1) if aux_head else None
         self.initialize_weights()
 
     @staticmethod
@@ -206,18 +216,26 @@ class UNet(BaseModel):
         if self.class_embed is not None:
             # Small normal class embeddings, as nn.Embedding's N(0, 1) would swamp the time signal.
             nn.init.normal_(self.class_embed.table.weight, std=0.02)
-        # Zero output conv: the initial velocity is 0 everywhere.
-        nn.init.zeros_(self.conv_out.weight)
+        # Zero output convs (u's and the auxiliary v's): the initial velocity is 0 everywhere.
+        for conv in (self.conv_out, self.aux_conv_out):
+            if conv is not None:
+                nn.init.zeros_(conv.weight)
 
-    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None, cond: Tensor | None = None,
+                head: str = "u") -> Tensor | tuple[Tensor, Tensor]:
         x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
+        self.check_head(head)
         y = self.labels(y, z)  # None or (B,), the null class where no label
         aug = self.augment_labels(aug, z)  # None or (B, augment_dim), zeros where not augmented
+        cond = self.conditions(cond, z)  # None or (B, num_conds)
         emb = self.time_embed(s, t)  # (B, E)
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)
         if self.augment_embed is not None:
             emb = emb + self.augment_embed(aug)  # the augment label beside the class (EDM's map_augment)
+        if self.cond_embed is not None:
+            for c in self.cond_embed(cond):
+                emb = emb + c
         emb = silu(emb)  # the blocks' embedding projections see SiLU(emb), as in ADM
 
         h = self.conv_in(x)  # (B, model_channels, H, W)
@@ -230,7 +248,13 @@ class UNet(BaseModel):
             if takes_skip:
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, ch + skip_ch, H_level, W_level)
             h = self._run(stage, h, emb)
-        return self.conv_out(silu(self.norm_out(h)))  # (B, C, H, W)
+        return self.outputs(head, h, self._u_out, self._v_out)  # (B, C, H, W), or two
+
+    def _u_out(self, h: Tensor) -> Tensor:
+        return self.conv_out(silu(self.norm_out(h)))
+
+    def _v_out(self, h: Tensor) -> Tensor:
+        return self.aux_conv_out(silu(self.aux_norm_out(h)))
 
     @staticmethod
     def _run(stage: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:

@@ -31,7 +31,16 @@ import launcher
 from config_checks import OPTIMIZERS, check_groups, check_loss, check_model, check_optimizer
 from runs.checkpoint import read_checkpoint
 from runs.layout import RUN_NAME_MAX
-from tests.conftest import CONFIG_DIR, TINY_OVERRIDES, TrainedRun, compose_train, last_line, launch, tree_hashes
+from tests.conftest import (
+    CONFIG_DIR,
+    TINY_OVERRIDES,
+    TrainedRun,
+    compose_train,
+    last_line,
+    launch,
+    run_layout,
+    tree_hashes,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +87,7 @@ def ws(trained_run: TrainedRun, tmp_path, capsys, monkeypatch) -> Workspace:
     output_dir, store = tmp_path / "outputs", tmp_path / "trackio"
     shutil.copytree(trained_run.output_dir, output_dir)
     shutil.copytree(trained_run.trackio_dir, store)
-    last = output_dir / "ckpts" / "mlp" / "straight" / "last.pt"
+    last = run_layout(output_dir, trained_run.run_name).last
     monkeypatch.delenv("DZ_TRACEBACK", raising=False)
     return Workspace(tmp_path, output_dir, store, last, tree_hashes(output_dir, store), capsys, monkeypatch)
 

@@ -24,7 +24,7 @@ from dataloaders.base_dataloaders import make_base_item
 from losses.meanflow_loss import MeanFlowLoss
 from models.flow_matching.mlp import MLP
 from runs.stored import load_model_from_checkpoint
-from tests.conftest import TINY_OVERRIDES, launch
+from tests.conftest import TINY_OVERRIDES, launch, run_layout
 from tests.test_models import tiny
 from train import LossModule
 
@@ -88,7 +88,7 @@ def test_launcher_trains_compiled_meanflow(tmp_path) -> None:
     result = launch(["run_name=compiled", *TINY_OVERRIDES, "compile=true", "loss=meanflow", "loss.jvp_mode=fused",
                      "epochs=1", f"output_dir={out}"], cwd=tmp_path, timeout=480)
     assert result.returncode == 0, result.stderr[-3000:]
-    last = out / "ckpts" / "mlp" / "compiled" / "last.pt"
+    last = run_layout(out, "compiled").last
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["step"] == 8 and state["config"]["compile"] is True and state["config"]["loss"]["jvp_mode"] == "fused"
     # The checkpoint holds the plain module (no torch.compile "_orig_mod." prefix), so it

@@ -21,6 +21,7 @@ from dataloaders.base_dataloaders import BaseItem, collate_base_items
 from losses.base_loss import build_loss
 from runs.build import build_model
 from runs.checkpoint import read_checkpoint
+from tests.conftest import run_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -122,7 +123,7 @@ def test_launcher_under_torchrun_then_resume_in_one_process(tmp_path):
     assert result.returncode == 0, failure(result)
     assert result.stdout.count("run pair:") == 1, "only rank 0 prints"
     assert result.stdout.count("epoch 2/2 step 8") == 1, result.stdout  # 512 / (64 x 2 ranks) = 4 steps an epoch
-    last = outputs / "ckpts" / "mlp" / "pair" / "last.pt"
+    last = run_layout(outputs, "pair").last
     state = read_checkpoint(last)
     assert (state["epoch"], state["step"]) == (2, 8)
     assert state["config"]["batch_size"] == 64

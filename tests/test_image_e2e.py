@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import launch
+from tests.conftest import launch, run_layout
 from tests.test_launcher import by_epoch, read_trackio
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,8 @@ def test_digits_meanflow_run_writes_grid_and_fid(tmp_path) -> None:
     result = launch([f"run_name={RUN}", *OVERRIDES, f"output_dir={out}"], cwd=tmp_path, trackio_dir=store, timeout=480)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    last = out / "ckpts" / "unet" / RUN / "last.pt"
+    run = run_layout(out, RUN, arch="unet")
+    last = run.last
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * (1437 // 128)  # 80% of 1797 digits, batch 128
     assert state["config"]["model"]["num_classes"] == 10 and state["config"]["loss"]["name"] == "meanflow"
@@ -52,7 +53,7 @@ def test_digits_meanflow_run_writes_grid_and_fid(tmp_path) -> None:
     assert "eval/fid" not in metrics  # a MeanFlow run scores its k-step samplers, not the solver
 
     # One grid per sampler (euler4, meanflow1, meanflow2), 64 digits of 8 x 8 each.
-    plot = out / "runs" / RUN / "plots" / "epoch_0002.png"
+    plot = run.plot(2)
     with Image.open(plot) as image:
         assert image.size == grid_size(3, SAMPLES, 8)
         assert image.mode == "RGB"
@@ -65,7 +66,7 @@ def test_digits_meanflow_run_writes_grid_and_fid(tmp_path) -> None:
     # noise generators make its numbers those of the run at that epoch.
     evaluated = launch([f"eval_checkpoint={last}", f"output_dir={tmp_path / 'eval_out'}", "device=cpu"], cwd=tmp_path, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    (written_path,) = (tmp_path / "eval_out" / "eval" / RUN).glob("epoch_0002_*.json")
+    (written_path,) = run_layout(tmp_path / "eval_out", RUN, arch="unet").eval_dir.glob("epoch_0002_*.json")
     written = json.loads(written_path.read_text())
     for key in ("eval/fid_1step", "eval/fid_2step", "eval/energy_distance_1step", "eval/energy_distance_floor"):
         assert written[key] == pytest.approx(metrics[key], rel=1e-6), key

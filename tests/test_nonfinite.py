@@ -35,6 +35,7 @@ from tests.conftest import (
     last_line,
     launch,
     launcher_env,
+    run_layout,
     tree_hashes,
 )
 from tests.test_trackio_rows import trackio_rows
@@ -143,7 +144,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(straight_c
     assert code == 1 and "Traceback" not in stderr and line.startswith("error:"), stderr[-2000:]
     assert "became non-finite" in line and "step 34" in line and "last good checkpoint" in line, line
     assert tree_hashes(output_dir, store) == before
-    assert read_checkpoint(output_dir / "ckpts" / "mlp" / "straight" / "last.pt")["step"] == 32
+    assert read_checkpoint(run_layout(output_dir, "straight").last)["step"] == 32
 
 
 def test_stop_names_the_bad_batch_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
@@ -156,7 +157,7 @@ def test_stop_names_the_bad_batch_and_keeps_the_last_checkpoint(tmp_path, capsys
     line = last_line(captured.err)
     assert code == 1 and line.startswith("error: loss became non-finite at step 5 (epoch 1, batch 5)"), captured.err[-2000:]
     assert "last good checkpoint is kept" in line and "rollback" not in captured.out
-    assert read_checkpoint(out / "ckpts" / "mlp" / "stop" / "last.pt")["step"] == 3
+    assert read_checkpoint(run_layout(out, "stop").last)["step"] == 3
 
 
 # ---------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def test_a_rollback_ends_with_the_weights_of_a_run_that_never_saw_the_batch(tmp_
     trainer.record.skipped = [[0, 5]]
     trainer.fit()
 
-    a, b = (read_checkpoint(out / "ckpts" / "mlp" / run / "last.pt") for run in ("rolled", "never"))
+    a, b = (read_checkpoint(run_layout(out, run).last) for run in ("rolled", "never"))
     assert a["step"] == b["step"] == STEPS_PER_EPOCH - 1
     for key in ("model", "ema"):
         state_equal(a, b, key)
@@ -211,7 +212,7 @@ def test_max_rollbacks_stops_the_run_with_exit_1_and_one_line(tmp_path, capsys, 
     assert code == 1 and "Traceback" not in captured.err and line.startswith("error:"), captured.err[-2000:]
     assert f"non-finite at step {step} (epoch 2, batch {bad.batches[1] + 1})" in line and "max_rollbacks=1" in line, line
     assert len(lines_starting(captured.out, "rollback")) == 1
-    state = read_checkpoint(out / "ckpts" / "mlp" / "bound" / "last.pt")
+    state = read_checkpoint(run_layout(out, "bound").last)
     assert state["skipped"] == [[0, 3]] and state["rollbacks"] == 1
 
 
@@ -258,7 +259,7 @@ def straight(tmp_path_factory) -> Straight:
     out, store = root / "out", root / "trackio"
     store.mkdir()
     result = launch(rollback_args(bad, out, "rb"), cwd=root, trackio_dir=store)
-    return Straight(bad, out / "ckpts" / "mlp" / "rb" / "last.pt", store, result)
+    return Straight(bad, run_layout(out, "rb").last, store, result)
 
 
 def assert_trackio_shows_the_rollbacks(store: Path, run: str, steps: list[int]) -> None:
@@ -299,7 +300,7 @@ def test_a_run_killed_after_a_rollback_resumes_without_the_bad_batch(straight, t
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(lines_starting(killed.stdout, "rollback 1/3")) == 1
-    last = out / "ckpts" / "mlp" / "rk" / "last.pt"
+    last = run_layout(out, "rk").last
     assert read_checkpoint(last)["skipped"] == [[0, straight.bad.batches[0]]]
 
     result = launch([*args, "resume=true"], cwd=tmp_path, trackio_dir=store)
@@ -328,6 +329,6 @@ def test_under_ddp_every_rank_rolls_back_together(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = lines_starting(result.stdout, "rollback")
     assert len(lines) == 1 and "loss became non-finite on 1 of 2 ranks at step 4 (epoch 1, batch 4)" in lines[0], lines
-    state = read_checkpoint(out / "ckpts" / "mlp" / "ddp" / "last.pt")
+    state = read_checkpoint(run_layout(out, "ddp").last)
     assert state["skipped"] == [[0, 3]] and state["step"] == 6 and state["epoch"] == 1 and state["rollbacks"] == 1
     assert all(torch.isfinite(value).all() for value in state["model"].values())

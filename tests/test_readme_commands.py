@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runs.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, RunLayout, ckpt_root, run_names
 from tests.conftest import REPO, last_line
 
 pytestmark = pytest.mark.slow
@@ -44,6 +45,9 @@ NOT_RUN: list[tuple[str, str]] = [
     (r"^python -m pytest ", "a part of the suite, which runs it anyway; its collection runs (an empty selection fails)"),
     (r"^bash \.ci/run$", "makes a fresh virtual environment and pip-installs into it (network); its syntax is checked"),
     (r"^python scripts/benchmark\.py\b", "benchmarks for minutes; tests/test_benchmark.py runs its quick mode"),
+    (r"^python scripts/compare\.py ", "needs a finished sweep; tests/test_compare.py runs it"),
+    (r"^python launcher\.py -m run_name=", "a sweep of several runs, or on a SLURM cluster; tests/test_sweeps.py runs sweeps "
+     "with the basic, joblib and submitit launchers"),
     (r"^torchrun ", "several GPUs or machines"),
     (r" --backend modal\b", "trains on Modal: credentials and the network"),
     (r"^python scripts/modal_app\.py ", "reads a Modal volume: credentials and the network (tests/test_modal.py runs it without them)"),
@@ -95,8 +99,8 @@ class Outcome:
     returncode: int
     stdout: str
     stderr: str
-    created: set[str] = field(default_factory=set)  # files that appeared under outputs/
-    present: set[str] = field(default_factory=set)  # every file under outputs/ afterwards
+    created: set[Path] = field(default_factory=set)  # files that appeared under outputs/, relative to it
+    present: set[Path] = field(default_factory=set)  # every file under outputs/ afterwards
 
 
 def doc_lines() -> list[tuple[str, str]]:
@@ -232,9 +236,15 @@ def user_env(workspace: Path) -> dict[str, str]:
                   "OMP_NUM_THREADS": "1"}  # one thread a process: two run at a time on a 2-core box
 
 
-def outputs(workspace: Path) -> set[str]:
+def outputs(workspace: Path) -> set[Path]:
     root = workspace / "outputs"
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+def relative_layout(run: str) -> RunLayout:
+    """Run ``run``'s files relative to its output folder, as ``outputs`` lists them (the
+    architecture names no folder of an evaluation, a plot or an export)."""
+    return RunLayout(Path(), "mlp", run)
 
 
 def execute(command: Command, workspace: Path, env: dict[str, str], cwd: Path | None = None) -> Outcome:
@@ -305,14 +315,17 @@ def test_doc_command(command: Command, outcomes: dict[str, Outcome]) -> None:
     elif command.kind == "collect":
         assert re.search(r"^tests/\S+\.py", outcome.stdout, re.MULTILINE), outcome.stdout[-2000:]  # pytest exits 5 with none
     elif command.is_launcher and any(a.startswith("eval_checkpoint=") for a in command.argv):
-        assert [f for f in outcome.created if re.fullmatch(r"eval/[^/]+/[^/]+\.json", f)], sorted(outcome.created)
+        assert [f for f in outcome.created if f.suffix == ".json" and f.parent == relative_layout(f.parent.name).eval_dir], \
+            sorted(outcome.created)
     elif command.is_launcher:  # a training run: its last epoch's line, and its checkpoint
         run = next(a.partition("=")[2] for a in command.argv if a.startswith("run_name="))
         assert re.search(r"^epoch (\d+)/\1 step \d+ ", outcome.stdout, re.MULTILINE), outcome.stdout[-2000:]
-        assert [f for f in outcome.present if re.fullmatch(rf"ckpts/[^/]+/{re.escape(run)}/last\.pt", f)], sorted(outcome.present)
+        ckpts = ckpt_root(Path())  # relative to the output folder, as outcome.present
+        assert run in run_names([f.relative_to(ckpts) for f in outcome.present if f.is_relative_to(ckpts)]), sorted(outcome.present)
     elif command.argv[:2] == ("python", "scripts/export.py"):
         run = command.argv[2]
-        assert {f"export/{run}/model.safetensors", f"export/{run}/config.yaml"} <= outcome.created, sorted(outcome.created)
+        folder = relative_layout(run).export_dir()
+        assert {folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG} <= outcome.created, sorted(outcome.created)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

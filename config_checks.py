@@ -201,7 +201,7 @@ def check_model(cfg: DictConfig) -> None:
         z = make_unified_flow_matching_input(torch.empty(2, *shape), torch.empty(2), torch.empty(2))
         y = torch.zeros(2, dtype=torch.long) if model.num_classes > 0 else None
         try:  # shapes only: a meta tensor has no data
-            out = model(z, y)
+            out = model(z, y, cond=torch.zeros(2, model.num_conds) if model.num_conds > 0 else None)
         except (RuntimeError, ValueError, IndexError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RunError(f"{what} cannot take dataloaders.data_shape={shape} of {cfg.dataloaders.name} ({reason}): "

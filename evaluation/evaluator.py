@@ -4,7 +4,8 @@ The evaluator asks the loss how its model samples (``BaseLoss.samplers``): a sol
 the diagonal ``u(x, t, t)``, k-step mean-flow jumps, whatever a new loss returns. For
 each sampler it reports the energy distance of the samples to held-out data beside
 the floor (two independent data draws of the same size, which no model can beat), and
-for image runs FID where the sampler asks for it. Noise comes from fixed generators, so
+for image runs FID where the sampler asks for it. Noise comes from fixed generators (x_0,
+the labels, and the fresh noise of a re-noising sampler, restarted for each set), so
 the numbers at an epoch are a function of the weights alone: ``eval_checkpoint``
 reproduces what the run logged, and evaluation never shifts the training RNG stream.
 """
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from dataloaders.base_dataloaders import make_dataset, stack_targets
 from evaluation.energy_distance import energy_distance
 from evaluation.plots import save_grid, save_plot
-from evaluation.sample import fixed_noise
+from evaluation.sample import fixed_noise, renoise_seed
 from losses.base_loss import BaseLoss, build_loss
 from runs.build import build_vae
 from runs.checkpoint import write_text_atomic
@@ -79,9 +80,11 @@ class Evaluator:
             self.fid_extractor = make_feature_extractor(cfg.eval.fid.feature_extractor)
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, sampler: Sampler, x0: Tensor, labels: Tensor | None) -> tuple[Tensor, float]:
-        """Samples from noise ``x0`` (CPU) in chunks of ``eval.batch_size``, on the CPU,
-        and the mean network evaluations per sample."""
+    def generate(self, model: nn.Module, sampler: Sampler, x0: Tensor, labels: Tensor | None, seed: int) -> tuple[Tensor, float]:
+        """Samples from noise ``x0`` (CPU, drawn with ``seed``) in chunks of ``eval.batch_size``,
+        on the CPU, and the mean network evaluations per sample. A sampler that draws noise of
+        its own (consistency sampling) restarts it first, so the set is the same every time."""
+        sampler.reseed(renoise_seed(seed))
         size, out, nfe = self.cfg.eval.batch_size, [], []
         for i in range(0, x0.shape[0], size):
             y = None if labels is None else labels[i : i + size].to(self.device)
@@ -109,7 +112,7 @@ class Evaluator:
 
         fcfg = self.cfg.eval.fid
         x0, labels = fixed_noise(self.cfg, fcfg.num_samples, self.cfg.seed + FID_NOISE)
-        images = self.to_images(self.generate(model, sampler, x0, labels)[0])
+        images = self.to_images(self.generate(model, sampler, x0, labels, self.cfg.seed + FID_NOISE)[0])
         if fcfg.reference == "heldout":
             return fid_against_images(images, self.to_images(self.held_out), fcfg.mode, self.fid_extractor,
                                       fcfg.batch_size, self.device)
@@ -128,7 +131,7 @@ class Evaluator:
         samples = {}
         for name, sampler in self.samplers.items():
             suffix = f"_{sampler.metric}" if sampler.metric else ""
-            samples[name], nfe = self.generate(model, sampler, x0, labels)
+            samples[name], nfe = self.generate(model, sampler, x0, labels, self.cfg.seed + SAMPLE_NOISE)
             metrics[f"{prefix}/energy_distance{suffix}"] = mean_energy_distance(samples[name], self.held_out, self.block)
             metrics[f"{prefix}/nfe{suffix}"] = nfe
             if self.cfg.eval.fid.enabled and sampler.fid:
@@ -160,7 +163,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     (``evaluation/stored_config.py`` builds it). With no setting typed, the numbers match
     the ones the run logged at that epoch. Prints the result and writes it as JSON to
     ``<output_dir>/eval/<run>/epoch_XXXX_<weights>_<file digest>_<settings digest>.json``,
-    after checking that folder can be written and before sampling."""
+    after checking that folder can be written and before sampling. The file holds the
+    settings (``eval_settings``) and what each sampler made of them (``Sampler.settings``)."""
     device = resolve_device(cfg.device)
     weights = str(cfg.eval.weights)  # ema (the main EMA) | raw | one of the run's ema.decays
     settings = eval_settings(cfg)
@@ -181,8 +185,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     if (err := write_error(out_dir)) is not None:  # before sampling, which may take hours
         raise RunError(f"output_dir={cfg.output_dir}: cannot write {out_dir} ({err}): choose a writable output_dir")
     metrics, _ = evaluator(model)
+    # What each sampler was built with besides: the guidance a null eval.guidance_scale left to the loss, the grids.
+    used = {name: sampler.settings() for name, sampler in evaluator.samplers.items()}
     result = {"checkpoint": str(cfg.eval_checkpoint), "run_name": cfg.run_name, "epoch": int(state["epoch"]),
-              "step": int(state["step"]), "weights": weights, **metrics, "settings": settings}
+              "step": int(state["step"]), "weights": weights, **metrics, "settings": settings, "samplers": used}
     # Named by the file's content too: two different files of one run and epoch (a copy
     # with flipped bytes, a re-export) never overwrite each other's results; and by the
     # settings, so evaluations of one file with other settings sit side by side.
@@ -190,8 +196,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     out = out_dir / f"epoch_{int(state['epoch']):04d}_{weights}_{digest}_{settings_digest}.json"
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     for key, value in result.items():
-        if key != "settings":
+        if key not in ("settings", "samplers"):
             print(f"{key}: {value}")
-    print(f"settings: eval.steps={cfg.eval.steps} solver={cfg.solver.name} seed={cfg.seed} (all in the file)")
+    print(f"settings: eval.steps={cfg.eval.steps} solver={cfg.solver.name} seed={cfg.seed} "
+          f"eval.guidance_scale={cfg.eval.guidance_scale} eval.guidance_interval={cfg.eval.get('guidance_interval')} "
+          "(all in the file, with each sampler's own settings)")
     print(f"results written to {out}")
     return result

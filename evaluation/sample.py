@@ -1,6 +1,7 @@
 """Sample generation for users of a trained run: load a checkpoint's EMA model, draw
-fixed noise, then sample with ``sample_flow`` (a solver on the diagonal ``u(x, t, t)``)
-or ``sample_meanflow`` (k-step mean-flow jumps), both from ``solvers/sampling.py``.
+fixed noise, then sample with ``sample_flow`` (a solver on the diagonal ``u(x, t, t)``),
+``sample_meanflow`` (k-step mean-flow jumps) or ``sample_consistency`` (jumps to the data,
+re-noised with fresh noise between them), all from ``solvers/sampling.py``.
 """
 
 import torch
@@ -8,9 +9,14 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from runs.stored import load_model_from_checkpoint
-from solvers.sampling import SampleResult, sample_flow, sample_meanflow
+from solvers.sampling import SampleResult, sample_consistency, sample_flow, sample_meanflow
 
-__all__ = ["SampleResult", "fixed_noise", "load_checkpoint_model", "sample_flow", "sample_meanflow"]
+__all__ = ["SampleResult", "fixed_noise", "load_checkpoint_model", "renoise_seed", "sample_consistency", "sample_flow",
+           "sample_meanflow"]
+
+# Beside runs/machine.py's seed offsets: the fresh noise of a re-noising sampler, for a set
+# of samples whose x_0 was drawn with seed s, comes from a generator seeded with s + RENOISE.
+RENOISE = 5_555
 
 
 def load_checkpoint_model(path: str, device: str | torch.device = "cpu"):
@@ -27,3 +33,9 @@ def fixed_noise(cfg: DictConfig, n: int, seed: int) -> tuple[Tensor, Tensor | No
     x0 = torch.randn(n, *cfg.dataloaders.data_shape, generator=gen)
     labels = torch.randint(cfg.model.num_classes, (n,), generator=gen) if cfg.model.num_classes > 0 else None
     return x0, labels
+
+
+def renoise_seed(seed: int) -> int:
+    """The seed of the fresh noise a re-noising sampler (``ConsistencySampler.reseed``) draws
+    for the samples whose ``x_0`` came from ``seed``: another stream than ``x_0``'s."""
+    return seed + RENOISE

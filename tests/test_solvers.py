@@ -16,12 +16,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from evaluation.sample import sample_flow, sample_meanflow
 from models.unified_input import split_unified_input
 from solvers.base_solver import uniform_grid
 from solvers.runge_kutta import SOLVERS, make_solver
+from solvers.sampling import JumpSampler, few_step_samplers
 
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 ADAPTIVE = ["adaptive_heun", "bosh3", "dopri5", "dopri8"]
@@ -226,3 +228,62 @@ def test_meanflow_sampling_is_exact_with_the_exact_mean_velocity(steps):
     result = sample_meanflow(FieldModel(0.7), X0, num_steps=steps, return_trajectory=True)
     assert torch.allclose(result.samples, X0 * math.exp(0.7), rtol=1e-12)
     assert result.nfe == steps and len(result.trajectory) == steps + 1
+
+
+class RecordingField(FieldModel):
+    """``FieldModel`` that records the (s, t) of every call."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__(a)
+        self.calls: list[tuple[float, float]] = []
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        _, s, t = split_unified_input(z)
+        self.calls.append((float(s[0]), float(t[0])))
+        return super().forward(z, y)
+
+
+@pytest.mark.parametrize(("grid", "pairs", "metric"), [
+    (2, [(0.0, 0.5), (0.5, 1.0)], "2step"),
+    ([0, 0.45, 1], [(0.0, 0.45), (0.45, 1.0)], "2step_t0-0.45-1"),  # AlphaFlow XL's [1, 0.55, 0], noise at 1
+    ([0, 0.1, 0.7, 1.0], [(0.0, 0.1), (0.1, 0.7), (0.7, 1.0)], "3step_t0-0.1-0.7-1"),
+])
+def test_jump_sampler_follows_its_time_list(grid, pairs, metric):
+    model = RecordingField(0.7)
+    sampler = JumpSampler(grid)
+    sampler.keep_trajectory = True
+    samples = sampler(model, X0, None)
+    assert [(round(s, 12), round(t, 12)) for s, t in model.calls] == pairs
+    assert torch.allclose(samples, X0 * math.exp(0.7), rtol=1e-12)
+    assert sampler.metric == metric and sampler.nfe == sampler.steps == len(pairs) and len(sampler.trajectory) == len(pairs) + 1
+
+
+@pytest.mark.parametrize(("grid", "message"), [
+    (0, "eval.meanflow_steps entry 0: expected a step count >= 1 or a time list such as [0, 0.45, 1]"),
+    (True, "eval.meanflow_steps entry True: expected a step count >= 1"),
+    ("2", "eval.meanflow_steps entry '2': expected a step count >= 1"),
+    ([1, 0.55, 0], "eval.meanflow_steps entry [1, 0.55, 0]: a time list runs from 0 (noise) to 1 (data), e.g. [0, 0.45, 1]"),
+    ([0, 0.5], "entry [0, 0.5]: a time list runs from 0 (noise) to 1 (data)"),
+    ([0.1, 0.5, 1], "entry [0.1, 0.5, 1]: a time list runs from 0 (noise) to 1 (data)"),
+    ([0], "entry [0]: a time list runs from 0 (noise) to 1 (data)"),
+    ([0, 0.6, 0.4, 1], "entry [0, 0.6, 0.4, 1]: the times must increase from 0 (noise) to 1 (data)"),
+    ([0, 0.5, 0.5, 1], "entry [0, 0.5, 0.5, 1]: the times must increase"),
+    ([0, "a", 1], "entry [0, 'a', 1]: expected a list of numbers such as [0, 0.45, 1]"),
+    ([0, float("nan"), 1], "expected a list of numbers"),
+])
+def test_bad_time_lists_are_one_line(grid, message):
+    with pytest.raises(ValueError) as err:
+        JumpSampler(grid)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_time_lists_from_a_config_and_the_sampler_names():
+    cfg = OmegaConf.create({"meanflow_steps": [1, [0, 0.45, 1]], "consistency_steps": [2, [0, 0.45, 1]]})
+    samplers = few_step_samplers(cfg.meanflow_steps, cfg.consistency_steps)
+    assert {name: type(s).__name__ for name, s in samplers.items()} == {
+        "meanflow1": "JumpSampler", "meanflow_2step_t0-0.45-1": "JumpSampler",
+        "consistency2": "ConsistencySampler", "consistency_2step_t0-0.45-1": "ConsistencySampler"}
+    assert samplers["consistency_2step_t0-0.45-1"].settings() == {
+        "steps": 2, "nfe": 2, "metric": "2step_t0-0.45-1_consistency", "fid": True, "times": [0.0, 0.45, 1.0]}
+    with pytest.raises(ValueError, match=r"^eval.consistency_steps entry \[0, 1.2\]: a time list runs"):
+        few_step_samplers([], OmegaConf.create([[0, 1.2]]))

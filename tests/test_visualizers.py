@@ -16,6 +16,7 @@ from PIL import Image
 
 from runs.build import build_model
 from runs.checkpoint import save_checkpoint
+from tests.test_evaluator import IMF_CONDITIONED, RecordingModel, assert_guided_as
 from visualizers import evolution, flow_trajectories, meanflow_steps, render_all
 from visualizers.common import run_cli
 
@@ -104,6 +105,43 @@ def test_meanflow_interpolation_follows_the_jumps():
     assert now.tolist() == [[3.0, 2.0]] and paths.shape == (1, 3, 2)
 
 
+@pytest.fixture(scope="module")
+def imf_root(tmp_path_factory) -> Path:
+    """A 2-D iMF run whose model takes guidance as conditions (and has the auxiliary head),
+    evaluated at ω = 2 on [0.3, 0.7]."""
+    root = tmp_path_factory.mktemp("imf_runs")
+    overrides = [*IMF_CONDITIONED, "model.hidden=16", "model.depth=1", "model.time_embed_dim=4", "eval.guidance_scale=2",
+                 "eval.guidance_interval=[0.3,0.7]"]
+    write_run(root, "ring_imf", overrides, [1, 2], mtime=1_000)
+    return root / "ckpts"
+
+
+@pytest.mark.parametrize(("visualizer", "args", "kinds"), [
+    (meanflow_steps, ["--steps", "1,2", "--frames", "2"], "jumps"),
+    (flow_trajectories, ["--steps", "8"], "diagonal"),
+    (evolution, ["--steps", "2"], "jumps"),
+])
+@pytest.mark.parametrize(("guidance", "expected"), [([], (2.0, 0.3, 0.7)),
+                                                    (["--guidance-scale", "4", "--guidance-interval", "0.4,0.65"], (4.0, 0.4, 0.65))])
+def test_the_runs_guidance_reaches_the_model(imf_root, tmp_path, monkeypatch, visualizer, args, kinds, guidance, expected):
+    """The visualizers sample through the run's loss's samplers: the model is given the run's
+    guidance conditions (or the command line's), never asked for its auxiliary head."""
+    recorded: list[RecordingModel] = []
+    load = visualizer.load_checkpoint_model
+
+    def recording_load(path):
+        model, cfg = load(path)
+        recorded.append(RecordingModel(model))
+        return recorded[-1], cfg
+
+    monkeypatch.setattr(visualizer, "load_checkpoint_model", recording_load)
+    visualizer.main(["--run-name", "ring_imf", "--ckpt-root", str(imf_root), "--out", str(tmp_path), "--num-samples", "20",
+                     "--no-mp4", *args, *guidance])
+    for model in recorded:
+        jumps, diagonal = assert_guided_as(model.calls, *expected)
+        assert (jumps > 0, diagonal > 0) == (kinds == "jumps", kinds == "diagonal")
+
+
 @pytest.mark.parametrize(
     ("visualizer", "args", "message"),
     [
@@ -113,6 +151,9 @@ def test_meanflow_interpolation_follows_the_jumps():
         (meanflow_steps, ["--run-name", "digits_fm"], "draws 2d runs"),
         (meanflow_steps, ["--run-name", "ring_fm"], "samples in mean-flow jumps"),
         (flow_trajectories, ["--run-name", "ring_fm", "--steps", "0"], "--steps '0'"),
+        (flow_trajectories, ["--run-name", "ring_fm", "--guidance-interval", "0.7,0.2"], "--guidance-interval '0.7,0.2'"),
+        (meanflow_steps, ["--run-name", "ring_mf", "--guidance-interval", "0.5"], "expected LO,HI with 0 <= LO <= HI <= 1"),
+        (evolution, ["--run-name", "ring_fm", "--guidance-scale", "nan"], "--guidance-scale nan: expected a finite number"),
     ],
 )
 def test_bad_input_is_one_line_and_overwrites_nothing(ckpt_root, tmp_path, capsys, visualizer, args, message):

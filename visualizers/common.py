@@ -16,6 +16,7 @@ bad call never overwrites an earlier picture.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,13 @@ matplotlib.use("Agg")  # files only: no display needed, and no GUI backend on a 
 import matplotlib.pyplot as plt
 
 from dataloaders.base_dataloaders import make_dataset, stack_targets
+from evaluation.sample import renoise_seed
 from evaluation.stored_config import stored_run_config
 from losses.base_loss import build_loss
 from runs.errors import CheckpointError
 from runs.layout import DEFAULT_OUTPUT_DIR, RunLayout, ckpt_root, find_runs
 from runs.stored import read_stored_config
-from solvers.sampling import JumpSampler, Sampler
+from solvers.sampling import DiagonalSampler, JumpSampler, Sampler
 
 DEFAULT_CKPT_ROOT = str(ckpt_root(DEFAULT_OUTPUT_DIR))
 DEFAULT_VIS_ROOT = Path("outputs/vis")
@@ -82,14 +84,30 @@ class RunInfo:
             return "2d" if shape[0] == 2 else "dense"
         return "image" if shape[0] in (1, 3) else "latent"
 
-    def samplers(self) -> dict[str, Sampler]:
-        """How the run's loss samples its model (what the evaluator scored)."""
-        return build_loss(self.cfg.loss).samplers(self.cfg.eval, self.cfg.solver, self.cfg.model.num_classes)
+    def samplers(self, solver: str | None = None, **eval_settings) -> dict[str, Sampler]:
+        """How the run's loss samples its model, as the evaluator does (guidance included),
+        with ``eval_settings`` (``steps=``, ``meanflow_steps=``) in place of the run's ``eval.*``
+        and the solver ``solver`` (with its default options) in place of the run's."""
+        eval_cfg = OmegaConf.merge(self.cfg.eval, eval_settings)
+        solver_cfg = self.cfg.solver if solver in (None, self.cfg.solver.name) else OmegaConf.create({"name": solver})
+        return build_loss(self.cfg.loss).samplers(eval_cfg, solver_cfg, self.cfg.model.num_classes)
 
     @property
     def jumps(self) -> bool:
         """Whether the run's model samples in mean-flow jumps (the one-step family)."""
         return any(isinstance(s, JumpSampler) for s in self.samplers().values())
+
+    def diagonal_sampler(self, steps: int, solver: str | None = None) -> Sampler:
+        """The run's solver on the diagonal ``u(x, t, t)``, ``steps`` steps of ``solver``."""
+        found = [s for s in self.samplers(solver, steps=steps).values() if isinstance(s, DiagonalSampler)]
+        if not found:
+            raise VisError(f"run {self.name!r}: its loss {self.cfg.loss.name} samples with no solver on the diagonal")
+        return found[0]
+
+    def jump_samplers(self, counts: list[int]) -> list[Sampler]:
+        """The run's mean-flow jump chains of ``counts`` uniform steps, in that order."""
+        by_steps = {s.steps: s for s in self.samplers(meanflow_steps=counts).values() if isinstance(s, JumpSampler)}
+        return [by_steps[k] for k in counts]
 
 
 def find_run(ckpt_root: str | Path, run_name: str | None) -> RunInfo:
@@ -111,6 +129,16 @@ def find_run(ckpt_root: str | Path, run_name: str | None) -> RunInfo:
     # The stored config describes the model; where data is read comes from this machine's configs.
     stored, source, _ = read_stored_config(run.last)
     return RunInfo(layout=run, cfg=stored_run_config(stored, [], source, what="a visualizer"))
+
+
+def draw(sampler: Sampler, model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, seed: int,
+         keep_trajectory: bool = False) -> torch.Tensor:
+    """``sampler``'s samples from ``x0`` (drawn with ``seed``), its own noise restarted as the
+    evaluator restarts it; with ``keep_trajectory`` the states at its grid times are left in
+    ``sampler.trajectory``."""
+    sampler.keep_trajectory = keep_trajectory
+    sampler.reseed(renoise_seed(seed))
+    return sampler(model, x0, labels)
 
 
 def require_kind(run: RunInfo, kinds: tuple[str, ...], visualizer: str) -> None:
@@ -200,6 +228,11 @@ def make_parser(
     parser.add_argument("--steps", type=str, default=steps_default, help=steps_help)
     parser.add_argument("--fps", type=int, default=fps_default, help=f"frames per second (default {fps_default})")
     parser.add_argument("--seed", type=int, default=0, help="seeds the noise, so reruns draw the same particles")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="eval.guidance_scale for this picture (default: the run's)")
+    parser.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                        help="eval.guidance_interval for this picture, the s (noise at 0) where a model trained with "
+                             "guidance conditions is guided (default: the run's)")
     parser.add_argument("--no-mp4", action="store_true", help="write the GIF only")
     return parser
 
@@ -211,6 +244,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         raise VisError(f"--num-samples {args.num_samples}: expected >= 1")
     if args.fps < 1:
         raise VisError(f"--fps {args.fps}: expected >= 1")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise VisError(f"--guidance-scale {args.guidance_scale}: expected a finite number")
+    if args.guidance_interval is not None:
+        parts = args.guidance_interval.split(",")
+        try:
+            lo, hi = (float(p) for p in parts)
+        except ValueError:
+            lo = hi = math.nan
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise VisError(f"--guidance-interval {args.guidance_interval!r}: expected LO,HI with 0 <= LO <= HI <= 1, "
+                           "such as 0.35,0.6")
+        args.guidance_interval = [lo, hi]
     return args
 
 
@@ -232,9 +277,13 @@ def one_step_count(text: str | int, visualizer: str) -> int:
 
 
 def open_run(args: argparse.Namespace, kinds: tuple[str, ...], visualizer: str) -> RunInfo:
-    """The run ``--run-name`` names (or the newest), refused unless it has data of one of ``kinds``."""
+    """The run ``--run-name`` names (or the newest), refused unless it has data of one of
+    ``kinds``, with ``--guidance-scale`` and ``--guidance-interval`` as its evaluation settings."""
     run = find_run(args.ckpt_root, args.run_name)
     require_kind(run, kinds, visualizer)
+    for key in ("guidance_scale", "guidance_interval"):
+        if getattr(args, key) is not None:
+            OmegaConf.update(run.cfg, f"eval.{key}", getattr(args, key), merge=False)
     return run
 
 

@@ -8,7 +8,8 @@ model from the same noise, so what moves between frames is the training alone.
 2-D runs: a scatter over the held-out data; image runs (1 or 3 channels in
 [-1, 1]): a grid of ``--num-samples`` images (default 64). Flow-matching runs are
 integrated with the run's solver in ``--steps`` steps (default 50); MeanFlow runs
-take ``--steps`` MeanFlow steps (default 1, the one-step generator). Latent-space
+take ``--steps`` MeanFlow steps (default 1, the one-step generator); either through the
+sampler the run's loss gives the evaluator (guidance included). Latent-space
 runs are refused (their samples need the VAE decoder). Writes ``evolution.gif``
 (and ``.mp4``) into ``--out`` (default ``outputs/vis/<run_name>``).
 """
@@ -27,16 +28,14 @@ import torch
 from torchvision.utils import make_grid
 
 from dataloaders.images import to_uint8
-from evaluation.sample import fixed_noise, load_checkpoint_model, sample_flow, sample_meanflow
+from evaluation.sample import fixed_noise, load_checkpoint_model
+from solvers.sampling import Sampler
 from visualizers import common
 
 
-def sample_checkpoint(path: Path, run: common.RunInfo, x0: torch.Tensor, labels: torch.Tensor | None, steps: int) -> torch.Tensor:
-    model, cfg = load_checkpoint_model(str(path))
-    if run.jumps:
-        return sample_meanflow(model, x0, num_steps=steps, label=labels).samples
-    return sample_flow(model, x0, solver=cfg.solver.name, num_steps=steps, label=labels, num_classes=cfg.model.num_classes,
-                       solver_options={k: v for k, v in cfg.solver.items() if k != "name"}).samples
+def sample_checkpoint(path: Path, sampler: Sampler, x0: torch.Tensor, labels: torch.Tensor | None, seed: int) -> torch.Tensor:
+    model, _ = load_checkpoint_model(str(path))
+    return common.draw(sampler, model, x0, labels, seed)
 
 
 def scatter_frames(samples: list[tuple[int, np.ndarray]], data: np.ndarray | None, title: str) -> list[np.ndarray]:
@@ -89,7 +88,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         )
     num_samples = args.num_samples or (500 if run.kind == "2d" else 64)
     x0, labels = fixed_noise(run.cfg, num_samples, args.seed)
-    samples = [(epoch, sample_checkpoint(path, run, x0, labels, steps)) for epoch, path in archived]
+    sampler = run.jump_samplers([steps])[0] if run.jumps else run.diagonal_sampler(steps)
+    samples = [(epoch, sample_checkpoint(path, sampler, x0, labels, args.seed)) for epoch, path in archived]
     how = f"MeanFlow {steps}-step" if run.jumps else f"{run.cfg.solver.name} {steps} steps"
     title = f"{run.name} · {how}"
     if run.kind == "2d":

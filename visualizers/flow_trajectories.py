@@ -4,7 +4,8 @@
 
 Noise ``x_0 ~ N(0, I)`` is integrated along ``dx/dt = u(x, t, t)``, the model's
 instantaneous velocity (docs/design.md), with the run's own solver unless ``--solver``
-says otherwise; a MeanFlow run is drawn the same way (its few-step jumps are
+says otherwise, through the sampler its loss gives the evaluator (so with the run's
+guidance, or ``--guidance-scale`` / ``--guidance-interval``); a MeanFlow run is drawn the same way (its few-step jumps are
 ``meanflow_steps``'s picture). One frame per solver step plus the noise
 (``--steps`` + 1 frames); each particle leaves a faint trail of its path so far,
 over the held-out data in grey. Writes ``flow_trajectories.gif`` (and ``.mp4``)
@@ -22,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from evaluation.sample import fixed_noise, load_checkpoint_model, sample_flow
+from evaluation.sample import fixed_noise, load_checkpoint_model
 from solvers.runge_kutta import SOLVERS
 from visualizers import common
 
@@ -54,10 +55,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     model, cfg = load_checkpoint_model(str(run.last))
     solver = args.solver or cfg.solver.name
     x0, labels = fixed_noise(cfg, args.num_samples, args.seed)
-    options = {k: v for k, v in cfg.solver.items() if k != "name"} if solver == cfg.solver.name else {}  # the run's tolerances
-    result = sample_flow(model, x0, solver=solver, num_steps=steps, label=labels,
-                         num_classes=cfg.model.num_classes, return_trajectory=True, solver_options=options)
-    trajectory = torch.stack(result.trajectory).numpy()  # (steps + 1, N, 2)
+    sampler = run.diagonal_sampler(steps, solver)  # the run's guidance; its tolerances when its own solver
+    common.draw(sampler, model, x0, labels, args.seed, keep_trajectory=True)
+    trajectory = torch.stack(sampler.trajectory).numpy()  # (steps + 1, N, 2)
     frames = render_frames(trajectory, common.reference_data(cfg, 2000), f"{run.name} · {solver} {steps} steps")
     return common.save_animation(frames, args, run, "flow_trajectories")
 

@@ -7,7 +7,9 @@ A k-step sampler jumps along the grid ``t_j = j / k`` with
 ``x_{j+1} = x_j + (t_{j+1} - t_j) u(x_j, t_j, t_{j+1})`` (docs/design.md); the animation
 shows each jump being travelled at constant speed over ``--frames`` frames of
 time tau in [0, 1], i.e. the state ``x_j + (tau - t_j) u(x_j, t_j, t_{j+1})``, with
-a faint trail of the straight pieces so far. A panel's title gives k and the
+a faint trail of the straight pieces so far. The jumps are the samplers the run's loss
+gives the evaluator (its guidance, or ``--guidance-scale`` / ``--guidance-interval``).
+A panel's title gives k and the
 energy distance of its final samples to held-out data (lower is better), so the
 price of fewer steps reads off the picture. Writes ``meanflow_steps.gif`` (and
 ``.mp4``) into ``--out`` (default ``outputs/vis/<run_name>``).
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from evaluation.energy_distance import energy_distance
-from evaluation.sample import fixed_noise, load_checkpoint_model, sample_meanflow
+from evaluation.sample import fixed_noise, load_checkpoint_model
 from visualizers import common
 
 
@@ -59,8 +61,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     x0, labels = fixed_noise(cfg, args.num_samples, args.seed)
     data = common.reference_data(cfg, 2000)
     results = []
-    for k in step_counts:
-        states = torch.stack(sample_meanflow(model, x0, num_steps=k, label=labels, return_trajectory=True).trajectory)
+    for k, sampler in zip(step_counts, run.jump_samplers(step_counts), strict=True):
+        common.draw(sampler, model, x0, labels, args.seed, keep_trajectory=True)
+        states = torch.stack(sampler.trajectory)
         distance = energy_distance(states[-1], torch.from_numpy(data)) if data is not None else float("nan")
         results.append((k, states.numpy(), distance))
 

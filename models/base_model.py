@@ -23,11 +23,7 @@ it for export and sampling.
 
 The base class owns these rules, so that a model's ``forward`` starts with
 
-    x, s, t = split_unified_input(z)
-    self.check_head(head)
-    y = self.labels(y, z)          # None, or (B,) with the null class filled in
-    aug = self.augment_labels(aug, z)  # None, or (B, augment_dim): zeros where not augmented
-    cond = self.conditions(cond, z)    # None, or (B, num_conds)
+    x, s, t, y, aug, cond = self.inputs(z, y, aug, cond, head)
 """
 
 from abc import ABC, abstractmethod
@@ -35,6 +31,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from models.unified_input import split_unified_input
 
 from models.embeddings import check_time_cond
 
@@ -143,6 +141,15 @@ class BaseModel(nn.Module, ABC):
         if cond.shape != (z.shape[0], self.num_conds):
             raise ValueError(f"conditions of shape {tuple(cond.shape)}: expected ({z.shape[0]}, {self.num_conds}) (model.num_conds)")
         return cond.to(z.dtype)
+
+    def inputs(self, z: Tensor, y: Tensor | None, aug: Tensor | None, cond: Tensor | None, head: str):
+        """``(x, s, t, y, aug, cond)``: the state and both times of ``z``, the labels with the
+        null class where none is given (None for an unconditional model), the augment labels
+        (zeros where not augmented; None without an augment input), the extra conditions
+        (None without any), after checking ``head``."""
+        self.check_head(head)
+        x, s, t = split_unified_input(z)
+        return x, s, t, self.labels(y, z), self.augment_labels(aug, z), self.conditions(cond, z)
 
     def check_head(self, head: str) -> None:
         if head not in HEADS:

@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from models.attention import attention, check_attention_jvp
 from models.base_model import BaseModel
-from models.unified_input import split_unified_input
 from models.embeddings import AugmentEmbedder, ClassEmbedder, ConditionEmbedder, TimeEmbedder
 from models.layers import GELU, Conv2d, LayerNorm, Linear, SiLU, gated_residual, modulate
 
@@ -254,11 +253,7 @@ class DiT(BaseModel):
 
     def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None, cond: Tensor | None = None,
                 head: str = "u") -> Tensor | tuple[Tensor, Tensor]:
-        x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
-        self.check_head(head)
-        y = self.labels(y, z)  # None or (B,), the null class where no label
-        aug = self.augment_labels(aug, z)  # None or (B, augment_dim), zeros where not augmented
-        cond = self.conditions(cond, z)  # None or (B, num_conds)
+        x, s, t, y, aug, cond = self.inputs(z, y, aug, cond, head)
         h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, T, D), T = (H/p)(W/p)
         h = h + self.pos_embed.to(h.dtype)  # (B, T, D)
         signals = self.time_embed.embeddings(s, t)  # each (B, D)

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from models.base_model import BaseModel
-from models.unified_input import split_unified_input
 from models.embeddings import ClassEmbedder, ConditionEmbedder, TimeEmbedder, check_levels
 from models.layers import Conv2d, GroupNorm, Linear, silu
 
@@ -127,11 +126,7 @@ class SmallCNN(BaseModel):
 
     def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None, cond: Tensor | None = None,
                 head: str = "u") -> Tensor | tuple[Tensor, Tensor]:
-        x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
-        self.check_head(head)
-        y = self.labels(y, z)  # None or (B,), the null class where no label
-        self.augment_labels(aug, z)  # no augment input: refuses labels
-        cond = self.conditions(cond, z)  # None or (B, num_conds)
+        x, s, t, y, aug, cond = self.inputs(z, y, aug, cond, head)
         emb = self.time_embed(s, t)  # (B, E)
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)

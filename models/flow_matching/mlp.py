@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from models.base_model import BaseModel
 from models.embeddings import TIME_CONDS, time_inputs
-from models.unified_input import split_unified_input
 from models.layers import GELU, Linear, SiLU
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": SiLU, "gelu": GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
@@ -93,11 +92,7 @@ class MLP(BaseModel):
 
     def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None, cond: Tensor | None = None,
                 head: str = "u") -> Tensor | tuple[Tensor, Tensor]:
-        x, s, t = split_unified_input(z)  # (B, D), (B,), (B,)
-        self.check_head(head)
-        y = self.labels(y, z)  # None or (B,), the null class where no label
-        self.augment_labels(aug, z)  # no augment input: refuses labels
-        cond = self.conditions(cond, z)  # None or (B, num_conds)
+        x, s, t, y, aug, cond = self.inputs(z, y, aug, cond, head)
         times = time_inputs(s, t, self.time_cond)  # each (B,)
         raw = torch.cat([x, times[0][:, None]], dim=1) if self.time_cond == "h" else z  # [x, h] or [x, s, t]
         feats, scalars = ([raw], times) if cond is None else ([raw, cond], times + list(cond.unbind(1)))

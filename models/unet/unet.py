@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from models.attention import attention
 from models.base_model import BaseModel
-from models.unified_input import split_unified_input
 from models.embeddings import AugmentEmbedder, ClassEmbedder, ConditionEmbedder, TimeEmbedder, check_levels
 from models.layers import Conv2d, GroupNorm, Linear, silu
 
@@ -223,11 +222,7 @@ class UNet(BaseModel):
 
     def forward(self, z: Tensor, y: Tensor | None = None, aug: Tensor | None = None, cond: Tensor | None = None,
                 head: str = "u") -> Tensor | tuple[Tensor, Tensor]:
-        x, s, t = split_unified_input(z)  # (B, C, H, W), (B,), (B,)
-        self.check_head(head)
-        y = self.labels(y, z)  # None or (B,), the null class where no label
-        aug = self.augment_labels(aug, z)  # None or (B, augment_dim), zeros where not augmented
-        cond = self.conditions(cond, z)  # None or (B, num_conds)
+        x, s, t, y, aug, cond = self.inputs(z, y, aug, cond, head)
         emb = self.time_embed(s, t)  # (B, E)
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import LAUNCHER, REPO, TINY_OVERRIDES, launcher_env
+from runs.layout import ARCHIVE, CKPTS, EXPORTS, LAST
+from tests.conftest import LAUNCHER, REPO, TINY_OVERRIDES, launcher_env, run_layout
 
 # Lower layers never import higher ones; a package may import itself.
 LAYERS = {
@@ -156,7 +157,7 @@ def test_a_new_loss_is_one_file_and_one_yaml(tmp_path):
         module.unlink()
         config.unlink()
     assert result.returncode == 0, result.stderr[-2000:]
-    state = torch.load(out / "ckpts" / "mlp" / "toy" / "last.pt", weights_only=True)
+    state = torch.load(run_layout(out, "toy").last, weights_only=True)
     metrics = state["metrics"]
     assert metrics["eval/nfe_toy"] == 12 and metrics["eval/energy_distance_toy"] > 0
     assert "eval/energy_distance" not in metrics  # only the samplers the loss names
@@ -189,8 +190,8 @@ def test_models_hold_networks_only():
     assert not found, found
 
 
-LAYOUT_WORDS = re.compile(r"(^|/)(ckpts|archive|last\.pt|export|plots)(/|$)")
-FOLDER_NAMES = ("ckpts", "archive", "last.pt")  # alone in a string: a path segment (``export`` and ``plots`` are also words)
+FOLDER_NAMES = (CKPTS, ARCHIVE, LAST)  # alone in a string: a path segment (``export`` and ``plots`` are also words)
+LAYOUT_WORDS = re.compile(rf"(^|/)({'|'.join(map(re.escape, (*FOLDER_NAMES, EXPORTS, 'plots')))})(/|$)")
 
 
 def test_one_file_spells_the_run_layout():

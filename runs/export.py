@@ -1,6 +1,7 @@
 """Export folders (``scripts/export.py``): one set of weights as ``model.safetensors`` (a
 format that cannot carry code) with ``epoch``, ``step`` and checksums of the tensors and
-of ``config.yaml`` in its metadata, and the resolved config as ``config.yaml``."""
+of ``config.yaml`` in its metadata, and the resolved config as ``config.yaml``. An export is
+for sampling: a model's training-only part (iMF's auxiliary velocity head) stays behind."""
 
 import hashlib
 from pathlib import Path
@@ -29,14 +30,29 @@ def weights_digest(weights: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+def for_sampling(config: dict, tensors: dict[str, Tensor], source: str) -> tuple[dict, dict[str, Tensor]]:
+    """The config and weights of the model sampling uses: a model with an auxiliary head
+    (``model.aux_head``) loses its weights (``inference_state_dict`` names the rest) and its
+    config turns it off (``inference_config``), so the export loads strictly into the plain
+    model and gives the same ``u``. Other models pass unchanged."""
+    with torch.device("meta"):  # names only: no memory, no initialisation
+        model = build_stored_model(config, source)
+    if not model.aux_head:
+        return config, tensors
+    kept = model.inference_state_dict().keys()
+    return {**config, "model": model.inference_config(config["model"])}, {k: v for k, v in tensors.items() if k in kept}
+
+
 def write_export(state: dict, folder: Path, weights: str = "ema", source: str = "") -> None:
     """Write ``folder/model.safetensors`` (the ``weights`` set of ``state``: ``ema`` or
-    ``raw``) and ``folder/config.yaml`` (the resolved config). Each file is written
-    beside its place and moved in; the caller decides whether replacing is allowed."""
+    ``raw``, without an auxiliary head: ``for_sampling``) and ``folder/config.yaml`` (the
+    resolved config, to match). Each file is written beside its place and moved in; the
+    caller decides whether replacing is allowed."""
     if weights not in EXPORT_KINDS:
         raise ValueError(f"weights={weights!r}: expected one of {list(EXPORT_KINDS)}")
-    config = stored_config(state["config"], source or "checkpoint")
+    where = source or "checkpoint"
     tensors = {k: v.detach().cpu().contiguous() for k, v in state["ema" if weights == "ema" else "model"].items()}
+    config, tensors = for_sampling(stored_config(state["config"], where), tensors, where)
     run_name = str(config.get("run_name", ""))
     header = f"# resolved config of run {run_name!r} at epoch {int(state['epoch'])}, step {int(state['step'])} (scripts/export.py)\n"
     config_bytes = (header + OmegaConf.to_yaml(OmegaConf.create(config))).encode()

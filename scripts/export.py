@@ -14,6 +14,10 @@ or ``<run name>_epoch_XXXX/`` for an archived epoch) gets
   tensors in its metadata. safetensors holds tensors only, so the file cannot run code;
 - ``config.yaml``: the checkpoint's resolved config, from which the model is rebuilt.
 
+A model trained with an auxiliary head (``model.aux_head``, iMF's v head) is exported
+without it: its weights stay behind and ``config.yaml`` says ``aux_head: false``, so the
+export is the plain model that sampling uses, with the same ``u`` (``runs.export.for_sampling``).
+
 Optimizer, scheduler and RNG states stay behind: an export is for sampling and
 evaluation, not for resuming. ``eval_checkpoint=FOLDER``, ``evaluation.sample`` and
 ``runs.stored.load_model_from_checkpoint`` take the folder like a ``.pt`` file;

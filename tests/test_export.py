@@ -13,13 +13,15 @@ from safetensors.torch import save_file
 
 import launcher
 from evaluation.sample import load_checkpoint_model
+from models.unified_input import make_unified_flow_matching_input
+from runs.build import build_model
 from runs.checkpoint import read_checkpoint, save_checkpoint
 from runs.errors import CheckpointError
 from runs.export import load_model_from_export, weights_digest
 from runs.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, RunLayout
 from runs.stored import load_model_from_checkpoint
 from scripts.export import main as export_main
-from tests.conftest import REPO, launch
+from tests.conftest import REPO, TINY_OVERRIDES, compose_train, launch
 from tests.test_checkpoint_safety import hostile_models, tiny_state
 
 
@@ -177,3 +179,39 @@ def test_eval_of_an_export_evaluates_and_names_the_weights_it_holds(run, tmp_pat
     assert written.name.startswith("epoch_0003_raw_") and "weights: raw" in out
     assert launcher.main([*args, "eval.weights=ema"]) == 2
     assert "is an export of the raw weights only" in capsys.readouterr().err
+
+
+DENSE = [o for o in TINY_OVERRIDES if not o.startswith(("model.", "dataloaders."))]
+AUX_MODELS = {
+    "mlp": [*TINY_OVERRIDES, "model.aux_head=true"],
+    "dit": [*DENSE, "dataloaders=digits", "model=dit_s", "model.hidden_size=32", "model.depth=3", "model.num_heads=2",
+            "model.frequency_dim=16", "model.aux_head=true", "model.aux_depth=2"],  # shared block 1, heads of 2 blocks each
+}
+
+
+@pytest.mark.parametrize("arch", sorted(AUX_MODELS))
+def test_an_export_leaves_the_auxiliary_head_behind(arch, tmp_path, capsys):
+    """The v head is for training: the export holds the u path alone, its config says
+    aux_head false, it loads strictly into the plain model and gives the same u."""
+    cfg = compose_train([*AUX_MODELS[arch], f"output_dir={tmp_path / 'outputs'}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)  # zero-initialised output layers would hide a wrong head
+    layout = RunLayout(tmp_path / "outputs", str(cfg.model.name), "test")
+    save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "step": 8, "epoch": 1,
+                     "config": OmegaConf.to_container(cfg, resolve=True), "metrics": {}}, layout.last)
+    assert export(capsys, layout.last, "--out", tmp_path / "export")[0] == 0
+    with safe_open(tmp_path / "export" / EXPORT_WEIGHTS, framework="pt") as f:
+        names = set(f.keys())
+    assert names == set(model.inference_state_dict()) and not any(n.startswith("aux_") for n in names)
+    assert len(names) < len(model.state_dict())
+    exported, exported_cfg, _ = load_model_from_checkpoint(tmp_path / "export")  # rebuilt from config.yaml, loaded strictly
+    assert exported_cfg.model.aux_head is False and not exported.aux_head
+    trained, shipped = OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(exported_cfg.model)
+    changed = {k: v for k, v in shipped.items() if trained[k] != v}
+    assert set(shipped) == set(trained) and changed == {"aux_head": False, **({"aux_depth": 0} if arch == "dit" else {})}
+    x = torch.randn(5, *cfg.dataloaders.data_shape, generator=torch.Generator().manual_seed(1))
+    z = make_unified_flow_matching_input(x, torch.rand(5), torch.ones(5))
+    torch.testing.assert_close(exported(z), model(z), rtol=0, atol=0)

@@ -20,8 +20,16 @@ others; the reference fixes the power at 1, ``p`` keeps MeanFlow's knob. α foll
 reference's curriculum (``scheduled_alpha``) on the buffer ``step``, which ``state_dict()``
 carries, so a resumed run continues the schedule exactly.
 
-Guidance and label dropping are MeanFlow's. (The reference drops labels only inside its
-guidance interval; with its non-guided presets, label_dropout 0, the two agree.)
+At α = 0 the JVP runs on the pairs with ``s != t`` only: on the others MeanFlow's term
+``(t - s) du/ds`` is 0 and the target is ``ṽ`` (the reference skips the rows where
+``isclose(r, t)``; here exactly equal times, so the loss and its gradient are those of the
+JVP on every row).
+
+Guidance is MeanFlow's ``ṽ = ω v + κ u(x_s, s, s | c) + (1 - ω - κ) u(x_s, s, s | ∅)`` on
+``s`` in ``cfg_interval``. ``class_drop``: ``independent`` drops labels as MeanFlow does
+(dropped rows train on ``v``); ``alphaflow`` as the reference's ``_compute_velocity_cfg``:
+only rows inside the interval, and in place, so a dropped row keeps the guided target with
+its label gone, ``ω v + (1 - ω) u(x_s, s, s | ∅)``, and every later forward sees ``∅``.
 """
 
 import math
@@ -31,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem
+from helpers_cfg import training_labels
 from losses.base_loss import call_model
 from losses.meanflow_loss import MeanFlowLoss
 from models.unified_input import broadcast_time, make_unified_flow_matching_input
@@ -38,6 +47,7 @@ from models.unified_input import broadcast_time, make_unified_flow_matching_inpu
 # ``configs/loss/alphaflow.yaml``'s law (the reference's), for a loss built in code.
 DEFAULT_TIME = {"name": "alphaflow"}
 SCHEDULES = ("constant", "linear", "sigmoid")
+CLASS_DROPS = ("independent", "alphaflow")
 
 
 def scheduled_alpha(step: int, schedule: str, start: float, end: float, start_step: int, end_step: int,
@@ -75,6 +85,7 @@ class AlphaFlowLoss(MeanFlowLoss):
     alpha_gamma: float = 25.0  # sigmoid sharpness (reference: 25)
     alpha_clamp: float = 0.005  # α below it is 0 (MeanFlow's JVP target), above 1 - alpha_clamp 1
     clamp_target: float | None = None  # clip the finite-step target to [-c, c] (reference clamp_utgt); None: off
+    class_drop: str = "independent"  # independent (MeanFlow's) | alphaflow (inside cfg_interval, in place: the reference's)
 
     default_time = DEFAULT_TIME
 
@@ -92,6 +103,8 @@ class AlphaFlowLoss(MeanFlowLoss):
             raise ValueError(f"loss.alpha_clamp={self.alpha_clamp}: expected a value in [0, 0.5)")
         if self.clamp_target is not None and not self.clamp_target > 0:
             raise ValueError(f"loss.clamp_target={self.clamp_target}: expected a positive bound or null")
+        if self.class_drop not in CLASS_DROPS:
+            raise ValueError(f"loss.class_drop={self.class_drop!r}: expected one of {list(CLASS_DROPS)}")
         # optimizer steps taken with this loss: the schedule's clock, saved in state_dict()
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
@@ -100,6 +113,19 @@ class AlphaFlowLoss(MeanFlowLoss):
         return scheduled_alpha(int(self.step) if step is None else step, self.alpha_schedule, self.alpha_start,
                                self.alpha_end, self.alpha_start_step, self.alpha_end_step, self.alpha_gamma,
                                self.alpha_clamp)
+
+    # --- labels and guidance -----------------------------------------------------------
+
+    def training_labels(self, label: Tensor | None, s: Tensor) -> Tensor | None:
+        """``alphaflow``: each row inside ``cfg_interval`` dropped with probability
+        ``class_drop_prob`` (one draw per row, as the reference)."""
+        within = self.in_interval(s) if self.class_drop == "alphaflow" else None
+        return training_labels(label, self.num_classes, self.class_drop_prob, within=within)
+
+    def guided_rows(self, s: Tensor, dropped: Tensor) -> Tensor:
+        """``alphaflow``: every row in the interval, dropped ones included (their label is
+        already ∅, so ``ṽ = ω v + (1 - ω) u(∅)``)."""
+        return self.in_interval(s) if self.class_drop == "alphaflow" else super().guided_rows(s, dropped)
 
     # --- the target ------------------------------------------------------------------
 
@@ -123,7 +149,7 @@ class AlphaFlowLoss(MeanFlowLoss):
                                  alpha: float, aug: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``u_θ(x, s, t)`` (with gradient), its target and the per-sample weight numerator."""
         if alpha == 0.0:  # MeanFlow's JVP target on every pair (ṽ itself where s = t)
-            u, target = self.prediction_and_target(model, x, s, t, v, label, aug)
+            u, target = self.jvp_where_distinct(model, x, s, t, v, label, aug)
             return u, target, torch.ones_like(s)
         wide = torch.promote_types(x.dtype, torch.float32)
         x, s, t, v = x.to(wide), s.to(wide), t.to(wide), v.to(wide)
@@ -136,6 +162,31 @@ class AlphaFlowLoss(MeanFlowLoss):
             weight = torch.where(distinct, torch.full_like(s, alpha), weight)
         u = call_model(model, make_unified_flow_matching_input(x, s, t), label, aug).to(wide)
         return u, target, weight
+
+    def jvp_where_distinct(self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, label: Tensor | None,
+                           aug: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """MeanFlow's ``prediction_and_target`` with the JVP on the rows with ``s != t``
+        only; the others take a plain forward and the target ``ṽ``, which is what the
+        JVP gives there (its term is multiplied by ``t - s = 0``)."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        x, s, t, v = x.to(wide), s.to(wide), t.to(wide), v.to(wide)
+        equal = s == t
+        rows_jvp, rows_fm = (~equal).nonzero().squeeze(1), equal.nonzero().squeeze(1)
+        if rows_fm.numel() == 0:
+            return self.prediction_and_target(model, x, s, t, v, label, aug)
+
+        def rows(c: Tensor | None, index: Tensor) -> Tensor | None:
+            return None if c is None else c[index]
+
+        z_fm = make_unified_flow_matching_input(x[rows_fm], s[rows_fm], t[rows_fm])
+        u_fm = call_model(model, z_fm, rows(label, rows_fm), rows(aug, rows_fm)).to(wide)
+        u = torch.zeros_like(v).index_copy(0, rows_fm, u_fm)
+        target = v
+        if rows_jvp.numel() > 0:
+            u_jvp, target_jvp = self.prediction_and_target(model, x[rows_jvp], s[rows_jvp], t[rows_jvp], v[rows_jvp],
+                                                           rows(label, rows_jvp), rows(aug, rows_jvp))
+            u, target = u.index_copy(0, rows_jvp, u_jvp), target.index_copy(0, rows_jvp, target_jvp)
+        return u, target.detach()
 
     # --- the loss --------------------------------------------------------------------
 

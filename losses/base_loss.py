@@ -11,13 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem
+from helpers_cfg import call_model  # noqa: F401  (re-exported: the losses call their models through it)
 from runs.build import instantiate_allowed
 from solvers.sampling import DiagonalSampler, Sampler
-
-
-def call_model(model: nn.Module, z: Tensor, label: Tensor | None, aug: Tensor | None) -> Tensor:
-    """``model(z, label)``, with the batch's augment labels when the data was augmented."""
-    return model(z, label) if aug is None else model(z, label, aug)
 
 
 class BaseLoss(nn.Module, ABC):
@@ -52,7 +48,12 @@ class BaseLoss(nn.Module, ABC):
         default the configured solver on the diagonal ``u(x, t, t)``, which every model has."""
         options = {k: v for k, v in solver_cfg.items() if k != "name"}
         name = f"{solver_cfg.name}{eval_cfg.steps}"
-        return {name: DiagonalSampler(solver_cfg.name, eval_cfg.steps, eval_cfg.guidance_scale, num_classes, options=options)}
+        return {name: DiagonalSampler(solver_cfg.name, eval_cfg.steps, self.guidance_scale(eval_cfg), num_classes, options=options)}
+
+    def guidance_scale(self, eval_cfg: DictConfig) -> float:
+        """``eval.guidance_scale``, or this loss's default where it is null (1: none)."""
+        scale = eval_cfg.guidance_scale
+        return 1.0 if scale is None else float(scale)
 
     def check(self, model: nn.Module, batch: BaseItem) -> None:
         """What the loop calls once before training, with a real batch: the checks every

@@ -30,7 +30,7 @@ from losses.time_sampling import make_pair_sampler
 from models.jvp import JVP_MODES, primal_and_tangent
 from models.unified_input import broadcast_time, make_unified_flow_matching_input, straight_path
 from runs.machine import rewound_rng
-from solvers.sampling import JumpSampler, Sampler
+from solvers.sampling import Sampler, few_step_samplers
 
 # torch registers its own forward-AD decompositions with torch.jit.script on the first
 # jvp and warns about its own deprecated call; nothing in this project can act on it.
@@ -105,9 +105,17 @@ class MeanFlowLoss(BaseLoss):
             u_cond, u_null = conditional_and_null(model, z, label, self.num_classes, aug)
             u_cond, u_null = u_cond.to(v.dtype), u_null.to(v.dtype)
         v_guided = self.cfg_omega * v + self.cfg_kappa * u_cond + (1 - self.cfg_omega - self.cfg_kappa) * u_null
+        return torch.where(broadcast_time(self.guided_rows(s, dropped), v), v_guided, v)
+
+    def in_interval(self, s: Tensor) -> Tensor:
+        """(B,) bool: the rows whose ``s`` lies in ``cfg_interval``."""
         lo, hi = self.cfg_interval
-        apply = (s >= lo) & (s <= hi) & ~dropped
-        return torch.where(broadcast_time(apply, v), v_guided, v)
+        return (s >= lo) & (s <= hi)
+
+    def guided_rows(self, s: Tensor, dropped: Tensor) -> Tensor:
+        """(B,) bool: the rows that take ``ṽ``: kept labels in ``cfg_interval`` (dropped
+        ones train the null class on ``v``)."""
+        return self.in_interval(s) & ~dropped
 
     def prediction_and_target(
         self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, label: Tensor | None, aug: Tensor | None = None
@@ -120,8 +128,9 @@ class MeanFlowLoss(BaseLoss):
         return u, target.detach()
 
     def mean_flow_jvp(self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, tangent: Tensor, label: Tensor | None,
-                      aug: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``u_θ(x, s, t)`` (with gradient) and ``du/ds`` along ``(tangent, 1, 0)`` (detached).
+                      aug: Tensor | None = None, cond: Tensor | None = None, head: str = "u") -> tuple:
+        """``u_θ(x, s, t)`` (with gradient) and ``du/ds`` along ``(tangent, 1, 0)`` (detached);
+        pairs ``(u, v)``, ``(du/ds, dv/ds)`` for ``head="both"``.
 
         Float32 (float64 for float64 inputs) with autocast off: the tangent of a
         half-precision forward overflows, and the target is a difference of nearly equal terms.
@@ -131,22 +140,32 @@ class MeanFlowLoss(BaseLoss):
         z = make_unified_flow_matching_input(x.to(wide), s, t)
         tangent_z = make_unified_flow_matching_input(tangent.to(wide), torch.ones_like(s), torch.zeros_like(t))
 
-        def u_fn(z_in: Tensor) -> Tensor:  # labels and augment labels are constants of the JVP
-            return call_model(model, z_in, label, aug)
+        def u_fn(z_in: Tensor) -> Tensor | tuple[Tensor, Tensor]:  # labels, aug labels, conditions: JVP constants
+            return call_model(model, z_in, label, aug, cond, head)
 
         with torch.autocast(x.device.type, enabled=False):
-            u, dudt = primal_and_tangent(u_fn, z, tangent_z, self.jvp_mode)
-        return u.to(wide), dudt.to(wide)
+            out, d_out = primal_and_tangent(u_fn, z, tangent_z, self.jvp_mode)
+        if head == "both":
+            return tuple(o.to(wide) for o in out), tuple(d.to(wide) for d in d_out)
+        return out.to(wide), d_out.to(wide)
 
     def draw(self, batch: BaseItem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """``(x_s, s, t, v, label)``: the pair times, the straight path at ``s``, the conditional
-        velocity ``x_1 - x_0`` (float32 or wider) and the labels after dropping."""
+        """``(x_s, s, t, v, label)``: ``draw_pairs``, then the labels after dropping."""
+        x_s, s, t, v = self.draw_pairs(batch)
+        return x_s, s, t, v, self.training_labels(batch.label, s)
+
+    def draw_pairs(self, batch: BaseItem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(x_s, s, t, v)``: the pair times, the straight path at ``s`` and the conditional
+        velocity ``x_1 - x_0`` (float32 or wider)."""
         x0, x1 = batch.raw_source, batch.raw_target
         s, t = self.pair_sampler.sample(x1.shape[0], x1.device)
         v = x1 - x0
         v = v.to(torch.promote_types(v.dtype, torch.float32))
-        label = training_labels(batch.label, self.num_classes, self.class_drop_prob)
-        return straight_path(x0, x1, s), s, t, v, label
+        return straight_path(x0, x1, s), s, t, v
+
+    def training_labels(self, label: Tensor | None, s: Tensor) -> Tensor | None:
+        """The labels after dropping: each row with probability ``class_drop_prob``."""
+        return training_labels(label, self.num_classes, self.class_drop_prob)
 
     def training_pairs(self, model: nn.Module, batch: BaseItem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """``draw`` with the guided velocity ``ṽ`` in place of ``v``."""
@@ -178,7 +197,7 @@ class MeanFlowLoss(BaseLoss):
         diagonal = super().samplers(eval_cfg, solver_cfg, num_classes)
         for sampler in diagonal.values():
             sampler.fid = False
-        return diagonal | {f"meanflow{k}": JumpSampler(int(k)) for k in eval_cfg.meanflow_steps}
+        return diagonal | few_step_samplers(eval_cfg.meanflow_steps)
 
     def check_model(self, model: nn.Module, batch: BaseItem) -> None:
         """Fail at start-up, not mid-run, if the model cannot go through the JVP."""

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from dataloaders.base_dataloaders import BaseItem, make_base_item
@@ -335,3 +336,256 @@ def test_augment_labels_reach_the_model(alpha: float) -> None:
     loss_fn.check(model, batch)
     loss_fn(model, batch).backward()
     assert model.augment_embed.weight.grad.abs().sum() > 0
+
+
+# --- snap-research/alphaflow src/training/loss.py, transcribed in float64 ------------------
+
+NUM_CLASSES = 4
+TOL = 1e-12
+
+
+class LabelledField(nn.Module):
+    """A small class-conditional field of plain layers (the reference's JVP,
+    ``torch.autograd.functional.jvp``, differentiates twice)."""
+
+    def __init__(self, dim: int = 3, hidden: int = 16, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.inp, self.mid, self.out = nn.Linear(dim + 2, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, dim)
+        self.embed = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        _, s, t = split_unified_input(z)
+        y = torch.full_like(s, self.num_classes, dtype=torch.long) if y is None else y
+        h = torch.tanh(self.inp(z) + self.embed(y)) * (1 + 0.5 * torch.sin(3 * s) * t)[:, None]
+        return self.out(torch.tanh(self.mid(h)))
+
+
+class Cond:
+    """The reference's ``cond`` reduced to its label: rows by mask, written in place. Its
+    "zero label" (no class) is this project's null class."""
+
+    def __init__(self, label: Tensor) -> None:
+        self.label = label
+
+    def __getitem__(self, mask: Tensor) -> "Cond":
+        return Cond(self.label[mask])
+
+
+def reference_net(model: nn.Module):
+    """``net(x_t, sigma_next, sigma, cond, ...)`` of the reference (noise at 1): ``s = 1 - sigma``,
+    ``t = 1 - sigma_next``, ``u_paper = -u``; ``cond=None`` is every row unconditional."""
+
+    def net(x_t, sigma_next, sigma, cond=None, augment_labels=None, return_extra_output=False):
+        label = None if cond is None else cond.label
+        out = -model(make_unified_flow_matching_input(x_t, 1 - sigma.flatten(), 1 - sigma_next.flatten()), label)
+        return (out, {}) if return_extra_output else out
+
+    return net
+
+
+def reference_alphaflow_loss(net, x_aug: Tensor, noise_unscaled: Tensor, t: Tensor, t_next: Tensor, dt: Tensor, alpha: float,
+                             cond: Cond, drop_u: Tensor, label_dropout: float, omega: float, kappa: float, t_min: float,
+                             t_max: float, clamp_utgt: float, eps: float) -> Tensor:
+    """AlphaFlowLoss.forward with _compute_velocity_cfg, _compute_mean_velocity_c and _d, given
+    the draws (sample_traj_params's t, t_next, dt, alpha; the noise; the label-drop uniform),
+    ``sigma_noise = 1``, the per-row loss averaged over the batch."""
+    batch_size = x_aug.shape[0]
+
+    def view(a: Tensor) -> Tensor:  # the reference's [b, 1, 1, 1, 1]
+        return a.reshape(a.shape[0], *([1] * (x_aug.dim() - 1)))
+
+    @torch.no_grad()
+    def _compute_velocity_cfg(velocity, x_t, t, cond, net, batch_size):
+        t_flat = t.view(batch_size, -1)
+        mask = (t_flat > t_min) & (t_flat < t_max)
+        cfg_mask_idx = mask.view(batch_size).bool()
+        velocity_cfg = velocity.clone()
+        if label_dropout > 0.0:
+            label_drop_mask_idx = drop_u < label_dropout
+            drop_mask = cfg_mask_idx & label_drop_mask_idx
+            cond.label[drop_mask] = NUM_CLASSES
+        if 1 - omega - kappa != 0.0:
+            videos_u_t_t_uncond = net(x_t, sigma_next=t, sigma=t, cond=None)
+        else:
+            videos_u_t_t_uncond = torch.zeros_like(x_t)
+        if kappa != 0:
+            videos_u_t_t_cond = net(x_t, sigma_next=t, sigma=t, cond=cond)
+        else:
+            videos_u_t_t_cond = torch.zeros_like(x_t)
+        guided = omega * velocity + kappa * videos_u_t_t_cond + (1 - omega - kappa) * videos_u_t_t_uncond
+        velocity_cfg[cfg_mask_idx] = guided[cfg_mask_idx]
+        return velocity_cfg
+
+    @torch.no_grad()
+    def _compute_mean_velocity_c(x_t, t_next, t, velocity_cfg, cond, net):
+        if x_t.shape[0] == 0:
+            return torch.empty((0, *velocity_cfg.shape[1:]), dtype=velocity_cfg.dtype)
+        t, t_next = t.flatten(), t_next.flatten()
+        mask_mf = ~torch.isclose(t_next, t)
+        batch_size_mf = mask_mf.sum().item()
+        mean_velocity = velocity_cfg.clone()
+
+        def wrap_net(x_t, t_next, t):
+            return net(x_t, sigma_next=t_next, sigma=t, cond=cond[mask_mf])
+
+        x_t_mf, t_mf, t_next_mf, velocity_cfg_mf = x_t[mask_mf], t[mask_mf], t_next[mask_mf], velocity_cfg[mask_mf]
+        if batch_size_mf == 0:
+            return mean_velocity
+        _, videos_dudt_mf = torch.autograd.functional.jvp(
+            wrap_net, (x_t_mf, t_next_mf, t_mf), (velocity_cfg_mf, torch.zeros_like(t_next_mf), torch.ones_like(t_mf)))
+        mean_velocity[mask_mf] = velocity_cfg_mf - view(t_mf - t_next_mf) * videos_dudt_mf
+        return mean_velocity
+
+    @torch.no_grad()
+    def _compute_mean_velocity_d(x_t, velocity_cfg, t_next, t, dt, cond, net):
+        if x_t.shape[0] == 0:
+            return torch.empty((0, *velocity_cfg.shape[1:]), dtype=velocity_cfg.dtype)
+        x_t_minus_dt = x_t - view(dt) * velocity_cfg
+        if torch.isclose(1 - dt / (t - t_next), torch.zeros_like(t)).all():
+            mean_velocity_next = torch.zeros_like(x_t_minus_dt)
+        else:
+            mean_velocity_next, _ = net(x_t_minus_dt, sigma_next=t_next, sigma=t - dt, cond=cond, return_extra_output=True)
+        mean_velocity = (view(dt) * velocity_cfg + view(t - dt - t_next) * mean_velocity_next) / view(t - t_next)
+        return torch.clip(mean_velocity, min=-clamp_utgt, max=clamp_utgt)
+
+    x_t = (1 - view(t)) * x_aug + view(t) * noise_unscaled
+    velocity = noise_unscaled - x_aug
+    velocity_cfg = _compute_velocity_cfg(velocity, x_t, t, cond, net, batch_size)
+    mask_c = dt == 0
+    mask_d = ~mask_c
+    batch_size_c, batch_size_d = mask_c.sum().item(), mask_d.sum().item()
+    mean_velocity_c = _compute_mean_velocity_c(x_t[mask_c], t_next[mask_c], t[mask_c], velocity_cfg[mask_c], cond[mask_c], net)
+    mean_velocity_d = _compute_mean_velocity_d(x_t[mask_d], velocity_cfg[mask_d], t_next[mask_d], t[mask_d], dt[mask_d],
+                                               cond[mask_d], net)
+    mean_velocity = torch.cat([mean_velocity_c, mean_velocity_d], dim=0)
+    pred_mean_velocity, _ = net(x_t, sigma_next=t_next, sigma=t, cond=cond, return_extra_output=True)
+    loss_unscaled = ((pred_mean_velocity - mean_velocity) ** 2).flatten(1).mean(1)
+    weight_c = torch.ones(batch_size_c, dtype=x_aug.dtype)
+    weight_d = torch.ones(batch_size_d, dtype=x_aug.dtype) * alpha
+    weight = torch.cat([weight_c, weight_d], dim=0) / (loss_unscaled.detach() + eps)
+    return (weight * loss_unscaled).mean()
+
+
+def labelled_batch(n: int, dim: int = 3, seed: int = 0) -> BaseItem:
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(n, dim, generator=g, dtype=torch.float64) * 2
+    x0 = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    label = torch.randint(NUM_CLASSES, (n,), generator=g)
+    return make_base_item(x1, x0, torch.rand(n, generator=g, dtype=torch.float64), label)
+
+
+def relative(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+GUIDED = {"num_classes": NUM_CLASSES, "class_drop_prob": 0.4, "cfg_omega": 1.5, "cfg_kappa": 0.25, "cfg_interval": [0.2, 0.7]}
+
+
+@pytest.mark.parametrize("jvp_mode", ["fused", "separate"])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_interval_label_drop_matches_the_reference(alpha: float, jvp_mode: str) -> None:
+    """class_drop=alphaflow, guided (ω, κ, an interval), at α = 0 (JVP), 0 < α < 1 and α = 1:
+    the loss and every gradient equal the transcription's, labels dropped only inside the
+    interval and in place (a dropped row's target is ω v + (1 - ω) u(∅))."""
+    n, seed = 32, 2
+    torch.manual_seed(3)
+    model = LabelledField().double()
+    batch = labelled_batch(n)
+    loss_fn = AlphaFlowLoss(**GUIDED, class_drop="alphaflow", alpha_schedule="constant", alpha_start=alpha, jvp_mode=jvp_mode)
+    torch.manual_seed(seed)
+    loss = loss_fn(model, batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    torch.manual_seed(seed)  # the loss's draws, in the reference's order: the pairs, then the label-drop uniform
+    s, t = loss_fn.pair_sampler.sample(n, torch.device("cpu"))
+    drop_u = torch.rand(n)
+    sigma, sigma_next = 1 - s.double(), 1 - t.double()
+    fm = s == t
+    dt = torch.where(fm, 0.0, alpha * (sigma - sigma_next))
+    inside = (s >= 0.2) & (s <= 0.7)
+    wanted = drop_u < 0.4
+    # every branch is reached: s = t rows first; drops inside the interval, draws below p outside
+    # it that must not drop, s = t and s != t rows on both sides of the interval
+    assert torch.equal(fm, torch.arange(n) < n // 2)
+    assert int((inside & wanted).sum()) > 0 and int((~inside & wanted).sum()) > 0
+    for rows in (fm, ~fm):
+        assert int((rows & inside).sum()) > 0 and int((rows & ~inside).sum()) > 0
+    assert float((t - s)[~fm].min()) > 1e-3  # no near-equal pair that isclose would call equal
+    model.zero_grad()
+    expected = reference_alphaflow_loss(reference_net(model), batch.raw_target, batch.raw_source, sigma, sigma_next, dt, alpha,
+                                        Cond(batch.label.clone()), drop_u, 0.4, 1.5, 0.25, 1 - 0.7, 1 - 0.2, math.inf, 1e-3)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    assert relative(loss.detach(), expected.detach()) <= TOL
+    for (name, _), g, g_ref in zip(model.named_parameters(), grads, expected_grads, strict=True):
+        assert g_ref.norm() > 0, name
+        assert relative(g, g_ref) <= TOL, (name, relative(g, g_ref))
+    # MeanFlow's drop (everywhere; dropped rows train on v) is a different loss: the check can fail
+    torch.manual_seed(seed)
+    independent = AlphaFlowLoss(**GUIDED, alpha_schedule="constant", alpha_start=alpha, jvp_mode=jvp_mode)(model, batch)
+    assert relative(independent.detach(), expected.detach()) > 1e-6
+
+
+class DualRecorder(nn.Module):
+    """Records each call's batch size and whether its input carries a forward-mode tangent."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.num_classes, self.calls = model, model.num_classes, []
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        self.calls.append((z.shape[0], fwAD.unpack_dual(z).tangent is not None))
+        return self.model(z, y)
+
+
+@pytest.mark.parametrize("jvp_mode", ["fused", "separate"])
+def test_no_jvp_for_rows_with_s_equal_t(jvp_mode: str) -> None:
+    """At α = 0 the JVP sees only the rows with s != t, and the prediction, the target and
+    the gradient equal MeanFlow's JVP on every row (float64, <= 1e-12 relative)."""
+    n = 24
+    torch.manual_seed(3)
+    net = LabelledField().double()
+    model = DualRecorder(net)
+    loss_fn = AlphaFlowLoss(**GUIDED, alpha_schedule="constant", alpha_start=0.0, jvp_mode=jvp_mode)
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
+    s = torch.rand(n, generator=g, dtype=torch.float64) * 0.5
+    t = torch.where(torch.arange(n) % 3 == 0, s, s + 0.1 + 0.4 * torch.rand(n, generator=g, dtype=torch.float64))
+    label = torch.randint(NUM_CLASSES, (n,), generator=g)
+    weights = torch.randn(n, 3, generator=g, dtype=torch.float64)
+
+    def run(method) -> tuple[Tensor, Tensor, list[Tensor]]:
+        model.calls = []
+        u, target = method(model, x, s, t, v, label)
+        return u.detach(), target, torch.autograd.grad((weights * (u - target) ** 2).sum(), list(net.parameters()))
+
+    u_skip, target_skip, grads_skip = run(loss_fn.jvp_where_distinct)
+    calls = model.calls
+    u_full, target_full, grads_full = run(loss_fn.prediction_and_target)
+    distinct = int((s != t).sum())
+    assert 0 < distinct < n
+    assert [size for size, dual in calls if dual] == [distinct]  # one JVP, on the s != t rows alone
+    assert sum(size for size, dual in calls if not dual) == n - distinct + (distinct if jvp_mode == "separate" else 0)
+    assert [size for size, dual in model.calls if dual] == [n]  # the full computation's JVP: every row
+    assert relative(u_skip, u_full) <= TOL and relative(target_skip, target_full) <= TOL
+    for g_skip, g_full in zip(grads_skip, grads_full, strict=True):
+        assert relative(g_skip, g_full) <= TOL
+
+
+def test_alpha_zero_with_the_skip_is_meanflow_in_float64() -> None:
+    """The whole α = 0 step, guided with labels dropped, against MeanFlow's loss on the same
+    draws (dimension-averaged eps against summed D eps): loss and gradients <= 1e-12."""
+    torch.manual_seed(3)
+    model = LabelledField().double()
+    batch = labelled_batch(32)
+    alpha_loss = AlphaFlowLoss(**GUIDED, alpha_schedule="constant", alpha_start=0.0, eps=1e-3)
+    meanflow_loss = MeanFlowLoss(**GUIDED, time={"name": "alphaflow"}, p=1.0, eps=3 * 1e-3)
+    results = []
+    for loss_fn in (alpha_loss, meanflow_loss):
+        torch.manual_seed(7)
+        loss = loss_fn(model, batch)
+        results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert relative(loss_a, loss_b) <= TOL
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert relative(ga, gb) <= TOL

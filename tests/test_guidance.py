@@ -10,7 +10,7 @@ from dataloaders.base_dataloaders import make_base_item
 from dataloaders.kmeans import make_dataset
 from evaluation.energy_distance import energy_distance
 from evaluation.sample import sample_flow, sample_meanflow
-from helpers_cfg import guided_velocity, null_labels
+from helpers_cfg import conditional_and_null, guided_velocity, null_labels
 from losses.base_loss import BaseLoss
 from losses.meanflow_loss import DEFAULT_TIME, MeanFlowLoss
 from losses.mse_loss import FlowMatchingMSELoss
@@ -127,3 +127,41 @@ def test_flow_matching_with_label_drop_and_guided_sampling_separates_classes(one
 
     with torch.no_grad():
         assert_classes_separate(sample, held_out_by_class())
+
+
+def test_a_null_guidance_scale_is_the_losses_default() -> None:
+    """eval.guidance_scale=null: the loss's default, no guidance for a flow-matching loss's solver."""
+    from tests.conftest import compose_train
+
+    for value, expected in (("null", 1.0), ("2.5", 2.5)):
+        cfg = compose_train([f"eval.guidance_scale={value}"])
+        samplers = FlowMatchingMSELoss(num_classes=K, class_drop_prob=0.1).samplers(cfg.eval, cfg.solver, K)
+        assert [sm.guidance_scale for sm in samplers.values()] == [expected]
+
+
+class Recorder(nn.Module):
+    """Records each call's labels, conditions and head; answers with the label as a float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Tensor, Tensor | None, str]] = []
+
+    def forward(self, z: Tensor, y: Tensor, cond: Tensor | None = None, head: str = "u") -> Tensor:
+        self.calls.append((y, cond, head))
+        return y[:, None].float().expand(-1, 2) + (0.0 if cond is None else cond[:, :1])
+
+
+def test_conditional_and_null_passes_each_half_its_conditions() -> None:
+    """One batched forward: [label; ∅] with [cond; null_cond] and the head asked for."""
+    model = Recorder()
+    z = make_unified_flow_matching_input(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3))
+    label = torch.tensor([0, 2, 1])
+    cond, null_cond = torch.full((3, 3), 5.0), torch.ones(3, 3)
+    u_cond, u_null = conditional_and_null(model, z, label, K, cond=cond, null_cond=null_cond, head="v")
+    assert len(model.calls) == 1
+    labels, conds, head = model.calls[0]
+    assert torch.equal(labels, torch.tensor([0, 2, 1, K, K, K])) and torch.equal(conds, torch.cat([cond, null_cond]))
+    assert head == "v"
+    assert torch.equal(u_cond[:, 0], label.float() + 5) and torch.equal(u_null[:, 0], torch.full((3,), K + 1.0))
+    conditional_and_null(model, z, label, K)  # a model's plain call: no conditions, the default head
+    assert model.calls[1][1] is None and model.calls[1][2] == "u"

@@ -338,3 +338,184 @@ def test_augment_labels_reach_the_model() -> None:
     loss_fn.check(model, batch)
     loss_fn(model, batch).backward()
     assert model.augment_embed.weight.grad.abs().sum() > 0
+
+
+# --- guidance as conditions, the auxiliary head, their samplers ----------------------------
+
+
+def ks_distance(samples: Tensor, cdf) -> float:
+    """Kolmogorov-Smirnov distance of ``samples`` (1-D) from the law of ``cdf``."""
+    x, _ = torch.sort(samples.double())
+    n = x.shape[0]
+    f = cdf(x)
+    upper = torch.arange(1, n + 1, dtype=torch.float64) / n - f
+    lower = f - torch.arange(n, dtype=torch.float64) / n
+    return float(torch.maximum(upper, lower).max())
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0])
+def test_condition_laws_are_the_references(beta: float) -> None:
+    """ω per row: omega_max^U for beta = 1 (imf.py::sample_cfg_scale), density ∝ ω^-beta
+    otherwise; t_min ~ U(0, 0.5), t_max ~ U(0.5, 1), [0, 1] on the s = t rows; each law within
+    the KS distance 2/sqrt(n) (its 0.1% critical value is 1.95/sqrt(n))."""
+    n = 20_000
+    loss_fn = IMFLoss(num_classes=4, class_drop_prob=0.1, num_conds=3, omega_beta=beta)
+    equal = torch.arange(n) < n // 4
+    torch.manual_seed(0)
+    omega, t_min, t_max = loss_fn.draw_conditions(equal)
+    assert torch.equal(t_min[equal], torch.zeros(n // 4)) and torch.equal(t_max[equal], torch.ones(n // 4))
+    bound = 2.0 / math.sqrt(n - n // 4)
+    assert ks_distance(t_min[~equal], lambda x: (x / 0.5).clamp(0, 1)) < bound
+    assert ks_distance(t_max[~equal], lambda x: ((x - 0.5) / 0.5).clamp(0, 1)) < bound
+    power = 1 - beta
+    cdf = (lambda w: torch.log(w) / math.log(8)) if beta == 1 else (lambda w: (w**power - 1) / (8**power - 1))
+    assert ks_distance(omega, cdf) < 2.0 / math.sqrt(n)
+    assert float(omega.min()) >= 1.0 and float(omega.max()) <= 8.0
+    # the other law is rejected: the test can fail
+    other = (lambda w: (w**-1.0 - 1) / (8**-1.0 - 1)) if beta == 1 else (lambda w: torch.log(w) / math.log(8))
+    assert ks_distance(omega, other) > 0.05
+
+
+def test_conditions_are_omega_and_the_interval_of_s() -> None:
+    """cond = [ω, 1 - t_max, 1 - t_min]: the paper's interval (noise at 1) as a range of s."""
+    cond = IMFLoss.conditions(torch.tensor([2.0]), torch.tensor([0.35]), torch.tensor([0.6]))
+    assert torch.allclose(cond, torch.tensor([[2.0, 0.4, 0.65]]))
+
+
+def test_aux_head_loss_without_conditions() -> None:
+    """Fixed guidance with the auxiliary head: ||V - v||² + ||v_θ - v||², adaptively weighted
+    each, V along the v head's own velocity at s = t (float64, against an independent computation)."""
+    torch.manual_seed(0)
+    model = MLP(data_dim=2, hidden=16, depth=2, aux_head=True).double()
+    batch = make_batch()
+    batch = BaseItem(**{k: (v.double() if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in vars(batch).items()})
+    loss_fn = IMFLoss(p=1.0, eps=0.01, aux_head=True)
+    torch.manual_seed(4)
+    loss = loss_fn(model, batch)
+    torch.manual_seed(4)
+    s, t = loss_fn.pair_sampler.sample(32, torch.device("cpu"))
+    s, t = s.double(), t.double()
+    x0, x1 = batch.raw_source, batch.raw_target
+    x_s = straight_path(x0, x1, s)
+    with torch.no_grad():
+        v_c = model(make_unified_flow_matching_input(x_s, s, s), head="v")
+        _, dudt = torch.func.jvp(lambda z: model(z), (make_unified_flow_matching_input(x_s, s, t),),
+                                 (make_unified_flow_matching_input(v_c, torch.ones_like(s), torch.zeros_like(t)),))
+        u, v_aux = model(make_unified_flow_matching_input(x_s, s, t), head="both")
+    err_u = (u - (t - s)[:, None] * dudt - (x1 - x0)).pow(2).sum(dim=1)
+    err_v = (v_aux - (x1 - x0)).pow(2).sum(dim=1)
+    expected = (err_u / (err_u + 0.01) + err_v / (err_v + 0.01)).mean()
+    assert torch.allclose(loss.detach(), expected, rtol=1e-12, atol=0)
+    assert set(loss_fn.metrics) == {"mse", "mse_v"}
+
+
+class CondRecorder(nn.Module):
+    """Records the conditions of every call."""
+
+    num_classes = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[Tensor, Tensor]] = []
+
+    def forward(self, z: Tensor, y: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        x, s, _ = split_unified_input(z)
+        self.seen.append((s.clone(), cond.clone()))
+        return torch.zeros_like(x)
+
+
+def conditioned_samplers(overrides: list[str]) -> dict:
+    cfg = compose_train(["loss=imf", *overrides])
+    loss_fn = IMFLoss(num_classes=4, class_drop_prob=0.1, num_conds=3, aux_head=True, cfg_omega=2.0, cfg_interval=[0.1, 0.9])
+    return loss_fn.samplers(cfg.eval, cfg.solver, 4)
+
+
+def test_samplers_hand_the_eval_guidance_to_the_model() -> None:
+    """A model with guidance conditions gets [ω, lo, hi] of eval.guidance_scale and
+    eval.guidance_interval at every jump (imf.py::sample_one_step), and [w, 0, 1] on the
+    diagonal (w = ω inside the interval, 1 outside); null takes cfg_omega and cfg_interval."""
+    samplers = conditioned_samplers(["eval.guidance_scale=4", "eval.guidance_interval=[0.35,0.6]", "eval.steps=10",
+                                     "solver=euler"])
+    jumps = [sm for sm in samplers.values() if isinstance(sm, JumpSampler)]
+    diagonal = [sm for sm in samplers.values() if isinstance(sm, DiagonalSampler)]
+    assert len(diagonal) == 1 and not diagonal[0].fid and len(jumps) == 2
+    x0, label = torch.randn(5, 2), torch.arange(5) % 4
+    for jump in jumps:
+        model = CondRecorder()
+        jump(model, x0, label)
+        assert len(model.seen) == jump.steps
+        for _, cond in model.seen:
+            assert torch.allclose(cond, torch.tensor([4.0, 0.35, 0.6]).expand(5, 3))
+    model = CondRecorder()
+    diagonal[0](model, x0, label)
+    inside = 0
+    for s, cond in model.seen:
+        w = torch.where((s >= 0.35) & (s <= 0.6), 4.0, 1.0)
+        assert torch.allclose(cond, torch.stack([w, torch.zeros(5), torch.ones(5)], 1))
+        inside += int((w == 4.0).sum())
+    assert 0 < inside < 5 * len(model.seen)  # both sides of the interval were sampled
+    model = CondRecorder()
+    jumps = [sm for sm in conditioned_samplers(["eval.guidance_scale=null"]).values() if isinstance(sm, JumpSampler)]
+    jumps[0](model, x0, label)
+    assert torch.allclose(model.seen[0][1], torch.tensor([2.0, 0.1, 0.9]).expand(5, 3))
+
+
+def test_a_bad_eval_interval_is_one_line() -> None:
+    with pytest.raises(ValueError, match="eval.guidance_interval") as info:
+        conditioned_samplers(["eval.guidance_interval=[0.7,0.2]"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_conds": 2, "num_classes": 4, "class_drop_prob": 0.1}, "loss.num_conds"),
+        ({"num_conds": 3}, "class-conditional"),
+        ({"num_conds": 3, "num_classes": 4}, "class_drop_prob"),
+        ({"omega_max": 0.5}, "loss.omega_max"),
+        ({"t_min_range": [0.0, 0.6]}, "t_min_range"),
+        ({"class_drop": "sometimes"}, "loss.class_drop"),
+    ],
+)
+def test_bad_condition_settings_are_one_line_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        IMFLoss(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_config_follows_the_model_and_trains_with_conditions() -> None:
+    """loss.num_conds and loss.aux_head follow the model's (0 and false where it has none);
+    a conditioned MLP with the auxiliary head trains a step and samples with conditions."""
+    cfg = compose_train(["loss=imf"])
+    assert (cfg.loss.num_conds, cfg.loss.aux_head, cfg.loss.class_drop) == (0, False, "imeanflow")
+    cfg = compose_train(["loss=imf", "model.num_classes=4", "++model.num_conds=3", "++model.aux_head=true",
+                         "loss.class_drop_prob=0.1", "eval.guidance_scale=3"])
+    loss_fn = build_loss(cfg.loss)
+    assert (loss_fn.num_conds, loss_fn.aux_head) == (3, True)
+    torch.manual_seed(0)
+    model = MLP(data_dim=2, hidden=16, depth=2, num_classes=4, num_conds=3, aux_head=True)
+    batch = make_batch(labels=True)
+    loss_fn.check(model, batch)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    for sampler in loss_fn.samplers(cfg.eval, cfg.solver, 4).values():
+        assert torch.isfinite(sampler(model, torch.randn(6, 2), torch.arange(6) % 4)).all()
+
+
+def test_every_kind_of_sampler_takes_the_conditions() -> None:
+    """A consistency sampler and a time-list jump chain, conditioned, stay of their kind and
+    give every jump [ω, lo, hi] (the settings an evaluation records include them)."""
+    from losses.imf_loss import with_conditions
+    from solvers.sampling import ConsistencySampler
+
+    x0, label = torch.randn(5, 2), torch.arange(5) % 4
+    for sampler in (ConsistencySampler(3), JumpSampler([0, 0.45, 1])):
+        conditioned = with_conditions(sampler, 3.0, (0.2, 0.5))
+        assert isinstance(conditioned, type(sampler)) and conditioned.steps == sampler.steps
+        assert conditioned.settings()["omega"] == 3.0 and conditioned.settings()["interval"] == (0.2, 0.5)
+        model = CondRecorder()
+        conditioned(model, x0, label)
+        assert len(model.seen) == sampler.steps and conditioned.nfe == sampler.steps
+        for _, cond in model.seen:
+            assert torch.allclose(cond, torch.tensor([3.0, 0.2, 0.5]).expand(5, 3))

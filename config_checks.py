@@ -310,8 +310,14 @@ def validate_config(cfg, use: str | None = None) -> None:
             raise RunError(f"{key}={value!r}: expected true or false")
     for key in ("optimizer.lr", "min_lr_ratio", "grad_clip", "ema.decay", "ema.halflife_samples", "eval.guidance_scale"):
         value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        if (not isinstance(value, int | float) or isinstance(value, bool)) and not (key == "eval.guidance_scale" and value is None):
             raise RunError(f"{key}={value!r}: expected a number")
+    interval = OmegaConf.select(cfg, "eval.guidance_interval")
+    if interval is not None:
+        bounds = list(interval) if isinstance(interval, ListConfig | list) else None
+        if not (bounds and len(bounds) == 2 and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+                and 0 <= bounds[0] <= bounds[1] <= 1):
+            raise RunError(f"eval.guidance_interval={interval}: expected null or [lo, hi] with 0 <= lo <= hi <= 1 (times s, noise at 0)")
     shape = cfg.dataloaders.data_shape
     checks = [
         # torch seeds lie in [0, 2**64) and epoch e's data order is seeded with seed * 1_000_003 + e
@@ -319,7 +325,8 @@ def validate_config(cfg, use: str | None = None) -> None:
         (0 <= cfg.seed < 2**44, (f"seed={cfg.seed}: expected an integer in [0, 2**44) = [0, {2**44 - 1}] (torch seeds lie in "
                                  "[0, 2**64), and epoch e's data order is seeded with seed * 1_000_003 + e)")),
         (math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr}: expected a finite number > 0"),
-        (math.isfinite(cfg.eval.guidance_scale), f"eval.guidance_scale={cfg.eval.guidance_scale}: expected a finite number (1: no guidance)"),
+        (cfg.eval.guidance_scale is None or math.isfinite(cfg.eval.guidance_scale),
+         f"eval.guidance_scale={cfg.eval.guidance_scale}: expected a finite number (1: no guidance) or null (the loss's own)"),
         (cfg.on_nonfinite in ("stop", "rollback"), f"on_nonfinite={cfg.on_nonfinite!r}: expected stop or rollback"),
         (cfg.max_rollbacks >= 1, f"max_rollbacks={cfg.max_rollbacks}: expected an integer >= 1"),
         (not (cfg.resume and cfg.overwrite), ("resume=true with overwrite=true: resume continues the run, overwrite starts it "

@@ -364,6 +364,8 @@ REFUSED = {
     "data_shape_not_integers": (["dataloaders.data_shape=[a]"], ["dataloaders.data_shape=['a']", "integers >= 1"]),
     # scalar keys
     "eval.guidance_scale": ([CONDITIONAL, "eval.guidance_scale=abc"], ["eval.guidance_scale='abc'", "a number"]),
+    "eval.guidance_interval_order": (["eval.guidance_interval=[0.6,0.2]"], ["eval.guidance_interval=[0.6, 0.2]", "0 <= lo <= hi <= 1"]),
+    "eval.guidance_interval_text": (["eval.guidance_interval=abc"], ["eval.guidance_interval=abc", "null or [lo, hi]"]),
     "output_dir": (["output_dir="], ["output_dir=''", "current folder"]),
     "resume_and_overwrite": (["resume=true", "overwrite=true"], ["resume=true with overwrite=true", "drop one"]),
     "trackio.project_empty": (["trackio.project="], ["trackio.project=''", "not empty"]),

@@ -25,6 +25,11 @@ Tables (Markdown):
    the forward against its JVP, built-in ``torch.nn`` layer vs ``models/layers.py``.
 4. Sampling (MLP, SmallCNN): wall time per fixed-grid solver and step count, and the
    MeanFlow 1- and 2-step sampler.
+5. ``--imf-models``: the iMF step with the auxiliary head (``loss=imf``, ``model.aux_head``,
+   the predicted tangent: one more no-grad pass for v_c, and the v head through the JVP and
+   the backward) over MeanFlow's fused step on the same trunk without the head, in rounds
+   as in 2. Each model gets the head as a second output layer; a DiT also as iMF's split
+   (the last two thirds of its depth doubled: B/2's 4 shared, 8 u and 8 v blocks).
 
 ``--time-limit`` stops starting new (model, precision, compiled) cases once spent, and
 still prints everything measured. On a shared CPU ``--threads 1`` is steadier.
@@ -58,6 +63,7 @@ from dataloaders.base_dataloaders import BaseItem, make_base_item
 from evaluation.sample import sample_flow, sample_meanflow
 from evaluation.tracking import RunRecord
 from losses.base_loss import LossModule
+from losses.imf_loss import IMFLoss
 from losses.meanflow_loss import MeanFlowLoss
 from losses.mse_loss import FlowMatchingMSELoss
 from models.attention import attention, jvp_safe_attention
@@ -98,9 +104,9 @@ SAMPLE_MODELS = {"mlp": 2000, "cnn": 64}  # model -> samples drawn
 GRAD_CLIP = 1.0  # configs/train.yaml's default
 
 
-def model_config(name: str) -> dict:
+def model_config(name: str, overrides: dict | None = None) -> dict:
     spec = MODELS[name]
-    node = OmegaConf.merge(OmegaConf.load(ROOT / "configs" / "model" / f"{spec.config}.yaml"), spec.overrides)
+    node = OmegaConf.merge(OmegaConf.load(ROOT / "configs" / "model" / f"{spec.config}.yaml"), spec.overrides, overrides or {})
     root = OmegaConf.create({"dataloaders": {"data_shape": list(spec.data_shape), "num_classes": 0}, "model": node})
     return OmegaConf.to_container(root.model, resolve=True)
 
@@ -127,10 +133,11 @@ class StepBench(Trainer):
     learning rate. A step that comes to read more fails here on the missing attribute.
     """
 
-    def __init__(self, name: str, device: torch.device, losses: list[str], compiled: bool, precision: str) -> None:
+    def __init__(self, name: str, device: torch.device, losses: list[str], compiled: bool, precision: str,
+                 model_overrides: dict | None = None) -> None:
         torch.manual_seed(0)
         self.device, self.world, self.step, self.epoch, self.batch_in_epoch = device, 1, 0, 0, 0
-        self.model = build_model(model_config(name)).to(device).train()
+        self.model = build_model(model_config(name, model_overrides)).to(device).train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.batch_size = MODELS[name].batch_gpu if device.type == "cuda" else MODELS[name].batch_cpu
         self.batch = synthetic_batch(name, self.batch_size, device)
@@ -144,7 +151,10 @@ class StepBench(Trainer):
         self.layout = RunLayout(Path(os.devnull), name, "benchmark")  # a non-finite step reports no checkpoint
         self.modules: dict[str, tuple[nn.Module, nn.Module]] = {}
         for loss in losses:
-            fn = FlowMatchingMSELoss() if loss == "mse" else MeanFlowLoss(jvp_mode=loss.removeprefix("meanflow-"))
+            if loss == "imf":  # iMF as the reference trains it: predicted tangent, v_c and loss_v from the auxiliary head
+                fn = IMFLoss(aux_head=True, jvp_mode="fused")
+            else:
+                fn = FlowMatchingMSELoss() if loss == "mse" else MeanFlowLoss(jvp_mode=loss.removeprefix("meanflow-"))
             module = LossModule(self.model, fn.to(device))
             # dynamic=False, as the trainer compiles: the batch never changes shape
             self.modules[loss] = (fn, torch.compile(module, dynamic=False) if compiled else module)
@@ -199,6 +209,57 @@ def bench_steps(name: str, device: torch.device, compiled: bool, precision: str,
                 peaks[loss] = max(peaks[loss], torch.cuda.max_memory_allocated(device) / 2**20)
     return [StepResult(name, loss, compiled, precision, bench.batch_size, bench.n_params, times[loss], first[loss],
                        peaks[loss] if device.type == "cuda" else None) for loss in LOSSES]
+
+
+def imf_variants(name: str) -> list[tuple[str, dict]]:
+    """The iMF models timed against ``name``'s trunk: the head as a second output layer, and
+    for a DiT iMF's split, the last two thirds of the depth doubled (B/2: 4 + 8 u + 8 v)."""
+    variants = [("second output layer", {"aux_head": True})]
+    config = model_config(name)
+    if config["_target_"].endswith(".DiT"):
+        own = 2 * config["depth"] // 3
+        variants.append((f"{config['depth'] - own} shared + {own} u + {own} v blocks", {"aux_head": True, "aux_depth": own}))
+    return variants
+
+
+@dataclass
+class PairResult:
+    model: str
+    variant: str
+    precision: str
+    params: tuple[int, int]  # MeanFlow's model, iMF's
+    times: tuple[list[float], list[float]]  # one step each per round: MeanFlow, iMF
+
+
+def bench_imf(name: str, variant: tuple[str, dict], device: torch.device, precision: str, repeats: int,
+              block_s: float) -> PairResult:
+    """MeanFlow's fused step on ``name`` and the iMF step on the same trunk with ``variant``'s
+    auxiliary head, each with its own model and optimizer, one step each per round in
+    alternating order (as ``bench_steps``)."""
+    benches = [StepBench(name, device, ["meanflow-fused"], False, precision),
+               StepBench(name, device, ["imf"], False, precision, variant[1])]
+    losses = ["meanflow-fused", "imf"]
+    for bench, loss in zip(benches, losses, strict=True):
+        bench.timed(loss, 1)  # first call
+    slowest = max(max(bench.timed(loss, 2)) for bench, loss in zip(benches, losses, strict=True))  # warm-up
+    rounds = max(repeats, min(50 * repeats, round(repeats * block_s / slowest)))
+    times: list[list[float]] = [[], []]
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            times[i] += benches[i].timed(losses[i], 1)
+    return PairResult(name, variant[0], precision, (benches[0].n_params, benches[1].n_params), (times[0], times[1]))
+
+
+def imf_table(results: list[PairResult]) -> str:
+    rows = []
+    for r in results:
+        mf, imf = r.times
+        q1, q2, q3 = quartiles([b / a for a, b in zip(mf, imf, strict=True)])
+        rows.append([MODELS[r.model].label, r.variant, r.precision, f"{r.params[0] / 1e6:.3f}M", f"{r.params[1] / 1e6:.3f}M",
+                     f"{statistics.median(mf) * 1e3:.2f}", f"{statistics.median(imf) * 1e3:.2f}", str(len(mf)),
+                     f"{q2:.2f}x ({q1:.2f}-{q3:.2f})", f"{min(imf) / min(mf):.2f}x"])
+    return table(["model", "auxiliary head", "precision", "MeanFlow params", "iMF params", "MeanFlow ms/step",
+                  "iMF ms/step", "rounds", "iMF / MeanFlow (IQR)", "iMF best / MeanFlow best"], rows)
 
 
 def peak_rss_bytes() -> int:
@@ -365,6 +426,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="top operators per step and per-layer JVP costs")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory subprocesses")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling table")
+    p.add_argument("--imf-models", default="", help="comma list: time iMF with the auxiliary head against MeanFlow on these "
+                                                     "(e.g. unet_cifar,dit_s2)")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
     p.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "LOSS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -374,10 +437,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.compile = True
     args.models = (args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)).split(",")
     args.compile_models = args.compile_models.split(",")
+    args.imf_models = [m for m in args.imf_models.split(",") if m]
     args.precision = args.precision.split(",")
-    bad = [m for m in args.models + args.compile_models if m not in MODELS]
+    bad = [m for m in args.models + args.compile_models + args.imf_models if m not in MODELS]
     if bad:
-        p.error(f"--models/--compile-models: unknown {bad}; expected names from {list(MODELS)}")
+        p.error(f"--models/--compile-models/--imf-models: unknown {bad}; expected names from {list(MODELS)}")
     if not set(args.precision) <= {"fp32", "bf16"}:
         p.error(f"--precision={','.join(args.precision)}: expected a comma list of fp32, bf16")
     if args.device not in ("cpu", "cuda", "mps") and not args.device.startswith("cuda:"):
@@ -445,6 +509,21 @@ def main(argv: list[str] | None = None) -> str:
                 emit(f"### {MODELS[name].label}: {loss}", "", table(["op", "self ms / step", "calls / step"], profile_step(name, device, loss)), "")
         emit("### One layer: forward and torch.func.jvp (no grad), torch.nn vs models/layers.py", "",
              table(["layer", "torch.nn forward ms", "torch.nn jvp / forward", "ours forward ms", "ours jvp / forward"], layer_costs(device)), "")
+
+    if args.imf_models:
+        pairs, skipped = [], []
+        for name in args.imf_models:
+            for variant in imf_variants(name):
+                for precision in args.precision:
+                    if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+                        skipped.append(f"{MODELS[name].label}, {variant[0]}, {precision}: skipped, --time-limit {args.time_limit:g} s spent")
+                        continue
+                    print(f"[imf] {name} {variant[0]} {precision} ...", file=sys.stderr, flush=True)
+                    pairs.append(bench_imf(name, variant, device, precision, args.repeats, 0.3 if args.quick else 1.5))
+        emit("## iMF (auxiliary head) over MeanFlow", "",
+             "The iMF step (predicted tangent from the head, loss_u + loss_v) over MeanFlow's fused step on the same "
+             "trunk without the head, unconditional, eager; median of the per-round ratios (interquartile range), and "
+             "fastest over fastest.", "", imf_table(pairs), "", *[f"- {n}" for n in skipped], "")
 
     sample_models = [m for m in args.models if m in SAMPLE_MODELS]
     if sample_models and not args.no_sampling:

@@ -221,8 +221,10 @@ class Sampler(ABC):
         is the same at every call. Most draw none."""
 
     def settings(self) -> dict:
-        """The sampler's own settings as plain data (``evaluate_checkpoint`` records them)."""
-        return {k: v for k, v in vars(self).items() if k != "trajectory" and plain(v)}
+        """The sampler's own settings as plain data, a grid as its list of times
+        (``evaluate_checkpoint`` records them)."""
+        found = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in vars(self).items() if k != "trajectory"}
+        return {k: v for k, v in found.items() if plain(v)}
 
     def keep(self, result: SampleResult) -> Tensor:
         """Note a call's NFE (and trajectory, when kept); return its samples."""
@@ -255,9 +257,6 @@ class JumpSampler(Sampler):
     def __call__(self, model: nn.Module, x0: Tensor, label: Tensor | None) -> Tensor:
         return self.keep(sample_meanflow(model, x0, times=self.times, label=label, return_trajectory=self.keep_trajectory))
 
-    def settings(self) -> dict:
-        return super().settings() | {"times": self.times.tolist()}
-
 
 class ConsistencySampler(Sampler):
     """Consistency sampling (``sample_consistency``) on ``grid``, as ``JumpSampler``'s; metric
@@ -276,9 +275,6 @@ class ConsistencySampler(Sampler):
     def __call__(self, model: nn.Module, x0: Tensor, label: Tensor | None) -> Tensor:
         return self.keep(sample_consistency(model, x0, times=self.times, label=label, generator=self.generator,
                                             return_trajectory=self.keep_trajectory))
-
-    def settings(self) -> dict:
-        return super().settings() | {"times": self.times.tolist()}
 
 
 def few_step_samplers(meanflow_steps: Sequence[Grid], consistency_steps: Sequence[Grid] = ()) -> dict[str, Sampler]:

@@ -83,3 +83,23 @@ def test_cuda_preset_covers_the_gpu_table() -> None:
     args = parse_args(["--preset", "cuda"])  # the device check only runs for --device cuda
     assert args.models == ["unet_cifar", "dit_b2"] and args.compile and args.precision == ["fp32", "bf16"]
     assert args.time_limit > 0
+
+
+def test_imf_over_meanflow_rounds_and_table() -> None:
+    """The iMF step with its head and MeanFlow's on the same trunk, one each per round."""
+    from scripts.benchmark import bench_imf, imf_table, imf_variants
+
+    result = bench_imf("mlp", imf_variants("mlp")[0], torch.device("cpu"), "fp32", repeats=2, block_s=0.0)
+    assert result.params[1] > result.params[0]  # the head's own output layer
+    assert len(result.times[0]) == len(result.times[1]) == 2 and min(min(t) for t in result.times) > 0
+    (row,) = parse_tables("## t\n" + imf_table([result]))["t"]
+    median, spread = row["iMF / MeanFlow (IQR)"].split(" ")
+    lo, hi = (float(v) for v in spread.strip("()").split("-"))
+    assert 0 < lo <= float(median.removesuffix("x")) <= hi and row["auxiliary head"] == "second output layer"
+
+
+def test_imf_variants_split_a_dit_as_the_reference_does() -> None:
+    from scripts.benchmark import imf_variants
+
+    assert imf_variants("unet_cifar") == [("second output layer", {"aux_head": True})]
+    assert imf_variants("dit_s2")[1] == ("4 shared + 8 u + 8 v blocks", {"aux_head": True, "aux_depth": 8})  # iMF's B/2 split

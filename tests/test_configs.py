@@ -83,7 +83,8 @@ def check_model_on_meta(cfg: DictConfig) -> None:
             assert all(p.is_meta for p in model.parameters()) and sum(p.numel() for p in model.parameters()) > 0
             z = make_unified_flow_matching_input(torch.empty(2, *shape), torch.empty(2), torch.empty(2))
             y = torch.zeros(2, dtype=torch.long) if num_classes else None
-            assert model(z, y).shape == (2, *shape), (cfg.model.name, num_classes)
+            cond = torch.zeros(2, model.num_conds) if model.num_conds else None
+            assert model(z, y, cond=cond).shape == (2, *shape), (cfg.model.name, num_classes)
 
 
 def check_data(dl: DictConfig, tmp_path: Path) -> None:

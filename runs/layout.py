@@ -9,6 +9,7 @@ Every path of a run is spelled here and nowhere else (docs/design.md, "Run files
     <output_dir>/runs/<run>/modal_config.yaml                 the config a Modal launch trains
     <output_dir>/eval/<run>/                                  eval_checkpoint results
     <output_dir>/export/<run>[_epoch_XXXX]/                   export folders (scripts/export.py)
+    <output_dir>/sweeps/<date_time>/<job>/                    a sweep's Hydra files (configs/train.yaml hydra.sweep.dir)
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from PIL import Image
 
 from runs.build import build_model
 from runs.checkpoint import save_checkpoint
+from runs.layout import ckpt_root as ckpts_under
+from tests.conftest import run_layout
 from tests.test_evaluator import IMF_CONDITIONED, RecordingModel, assert_guided_as
 from visualizers import evolution, flow_trajectories, meanflow_steps, render_all
 from visualizers.common import run_cli
@@ -31,7 +33,7 @@ def write_run(root: Path, run_name: str, overrides: list[str], epochs: list[int]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[f"run_name={run_name}", f"output_dir={root}", *overrides])
     config = OmegaConf.to_container(cfg, resolve=True)
-    arch = config["model"]["name"]
+    layout = run_layout(root, run_name, arch=config["model"]["name"])
     state = None
     for epoch in [*epochs, epochs[-1] if epochs else 1]:
         torch.manual_seed(epoch)  # different weights per checkpoint, as training would give
@@ -39,10 +41,9 @@ def write_run(root: Path, run_name: str, overrides: list[str], epochs: list[int]
         state = {"model": weights, "ema": weights, "optimizer": {}, "scheduler": {}, "scaler": {},
                  "step": 10 * epoch, "epoch": epoch, "rng": {}, "config": config}
         if epoch in epochs:
-            save_checkpoint(state, root / "ckpts" / arch / "archive" / f"{run_name}_epoch_{epoch:04d}.pt")
-    last = root / "ckpts" / arch / run_name / "last.pt"
-    save_checkpoint(state, last)
-    os.utime(last, (mtime, mtime))
+            save_checkpoint(state, layout.archive(epoch))
+    save_checkpoint(state, layout.last)
+    os.utime(layout.last, (mtime, mtime))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def ckpt_root(tmp_path_factory) -> Path:
     write_run(root, "ring_fm_noarchive", TINY_2D, [], mtime=2_000)
     write_run(root, "digits_fm", TINY_IMAGE, [2, 4], mtime=3_000)
     write_run(root, "ring_mf", [*TINY_2D, "loss=meanflow"], [5, 10], mtime=4_000)  # the newest
-    return root / "ckpts"
+    return ckpts_under(root)
 
 
 def gif_frames(path: Path) -> tuple[int, tuple[int, int]]:
@@ -113,7 +114,7 @@ def imf_root(tmp_path_factory) -> Path:
     overrides = [*IMF_CONDITIONED, "model.hidden=16", "model.depth=1", "model.time_embed_dim=4", "eval.guidance_scale=2",
                  "eval.guidance_interval=[0.3,0.7]"]
     write_run(root, "ring_imf", overrides, [1, 2], mtime=1_000)
-    return root / "ckpts"
+    return ckpts_under(root)
 
 
 @pytest.mark.parametrize(("visualizer", "args", "kinds"), [

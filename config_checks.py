@@ -240,7 +240,7 @@ USES = ("train", "eval", "export")  # what a config is checked for
 # The nodes every config has, and what they are (a stored or typed config may say otherwise).
 STRUCTURE = {key: DictConfig for key in ("model", "loss", "solver", "optimizer", "ema", "eval", "eval.fid", "checkpoint",
                                          "trackio", "dataloaders", "dataloaders.dataset")} | {
-    key: ListConfig for key in ("dataloaders.data_shape", "eval.meanflow_steps", "ema.decays")}
+    key: ListConfig for key in ("dataloaders.data_shape", "eval.meanflow_steps", "eval.consistency_steps", "ema.decays")}
 
 
 def check_groups(cfg: DictConfig, use: str = "train") -> None:
@@ -345,8 +345,6 @@ def validate_config(cfg, use: str | None = None) -> None:
         (cfg.eval.repeats >= 1, f"eval.repeats={cfg.eval.repeats}: expected >= 1"),
         (cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps}: expected >= 1"),
         (cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: expected an integer >= 1"),
-        (all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in cfg.eval.meanflow_steps),
-         f"eval.meanflow_steps={list(cfg.eval.meanflow_steps)}: expected a list of integers >= 1"),
         (cfg.checkpoint.every_epochs >= 1, f"checkpoint.every_epochs={cfg.checkpoint.every_epochs}: expected >= 1"),
         (cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: expected >= 0 (0: off)"),
         (cfg.log_every_steps >= 0, f"log_every_steps={cfg.log_every_steps}: expected >= 0 (0: once per epoch)"),
@@ -369,6 +367,15 @@ def validate_config(cfg, use: str | None = None) -> None:
         if not ok:
             raise RunError(message)
     from solvers.runge_kutta import make_solver
+    from solvers.sampling import few_step_grid
+
+    for key in ("eval.meanflow_steps", "eval.consistency_steps"):
+        grids = OmegaConf.select(cfg, key)  # a stored config from before consistency_steps has none
+        for grid in OmegaConf.to_container(grids, resolve=True) if grids is not None else []:
+            try:
+                few_step_grid(grid, key)  # a step count, or a time list from 0 to 1
+            except ValueError as err:
+                raise RunError(str(err)) from None
 
     make_solver(cfg.solver.name, **{k: v for k, v in cfg.solver.items() if k != "name"})  # its own one-line error, now
     check_groups(cfg, use)

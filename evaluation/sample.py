@@ -8,15 +8,13 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from runs.machine import RENOISE
 from runs.stored import load_model_from_checkpoint
 from solvers.sampling import SampleResult, sample_consistency, sample_flow, sample_meanflow
 
 __all__ = ["SampleResult", "fixed_noise", "load_checkpoint_model", "renoise_seed", "sample_consistency", "sample_flow",
            "sample_meanflow"]
 
-# Beside runs/machine.py's seed offsets: the fresh noise of a re-noising sampler, for a set
-# of samples whose x_0 was drawn with seed s, comes from a generator seeded with s + RENOISE.
-RENOISE = 5_555
 
 
 def load_checkpoint_model(path: str, device: str | torch.device = "cpu"):

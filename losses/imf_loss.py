@@ -238,7 +238,7 @@ class IMFLoss(MeanFlowLoss):
                              "guidance applies, noise at 0)")
         options = {k: v for k, v in solver_cfg.items() if k != "name"}
         diagonal = DiagonalSampler(solver_cfg.name, eval_cfg.steps, fid=False, options=options)
-        plain = {f"{solver_cfg.name}{eval_cfg.steps}": diagonal} | few_step_samplers(eval_cfg.meanflow_steps)
+        plain = {f"{solver_cfg.name}{eval_cfg.steps}": diagonal} | few_step_samplers(eval_cfg.meanflow_steps, eval_cfg.get("consistency_steps", []))
         return {name: with_conditions(sampler, omega, (lo, hi)) for name, sampler in plain.items()}
 
 

@@ -197,7 +197,7 @@ class MeanFlowLoss(BaseLoss):
         diagonal = super().samplers(eval_cfg, solver_cfg, num_classes)
         for sampler in diagonal.values():
             sampler.fid = False
-        return diagonal | few_step_samplers(eval_cfg.meanflow_steps)
+        return diagonal | few_step_samplers(eval_cfg.meanflow_steps, eval_cfg.get("consistency_steps", []))
 
     def check_model(self, model: nn.Module, batch: BaseItem) -> None:
         """Fail at start-up, not mid-run, if the model cannot go through the JVP."""

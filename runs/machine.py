@@ -20,6 +20,7 @@ SEED_STRIDE = 1_000_003  # a prime above any epoch or step count: seed * SEED_ST
 REFERENCE_DRAW = 12345  # which held-out and reference samples evaluation compares against
 SAMPLE_NOISE = 777  # the noise evaluation samples from (the same at every evaluation)
 FID_NOISE = 999  # the noise of the FID sample set
+RENOISE = 5_555  # a re-noising sampler's fresh noise, for samples whose x_0 came from seed s: s + RENOISE
 
 
 def data_order_seed(seed: int, epoch: int) -> int:

@@ -366,6 +366,8 @@ REFUSED = {
     "eval.guidance_scale": ([CONDITIONAL, "eval.guidance_scale=abc"], ["eval.guidance_scale='abc'", "a number"]),
     "eval.guidance_interval_order": (["eval.guidance_interval=[0.6,0.2]"], ["eval.guidance_interval=[0.6, 0.2]", "0 <= lo <= hi <= 1"]),
     "eval.guidance_interval_text": (["eval.guidance_interval=abc"], ["eval.guidance_interval=abc", "null or [lo, hi]"]),
+    "eval.meanflow_steps_zero": (["eval.meanflow_steps=[0]"], ["eval.meanflow_steps entry 0", "a step count >= 1"]),
+    "eval.consistency_steps_order": (["eval.consistency_steps=[[0,0.6,0.5,1]]"], ["eval.consistency_steps entry [0, 0.6, 0.5, 1]", "increase"]),
     "output_dir": (["output_dir="], ["output_dir=''", "current folder"]),
     "resume_and_overwrite": (["resume=true", "overwrite=true"], ["resume=true with overwrite=true", "drop one"]),
     "trackio.project_empty": (["trackio.project="], ["trackio.project=''", "not empty"]),

@@ -37,6 +37,9 @@ THIS_MACHINE = ("device", "output_dir", "eval_checkpoint", "init_from", "resume"
                 "trackio", "compile", "compile_mode", "precision", "tf32", "cudnn_benchmark")
 # What a command line may set when it re-uses a stored run (besides THIS_MACHINE and data locations).
 TYPED_FOR_EVALUATION = ("eval", "solver", "seed", "run_name")
+# Nodes built into objects: a key the stored run lacks keeps the constructor's default, which is
+# what the run had (this machine's yaml may have changed the default since).
+BUILT_WITH_DEFAULTS = ("model", "loss")
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -101,6 +104,14 @@ def _stored_data(stored: dict, machine: dict, source: str, where: str = "dataloa
     return merged
 
 
+def _with_new_options(stored: dict, machine: object) -> dict:
+    """``stored`` with the keys it lacks taken from this machine's node (options added since the run)."""
+    if not isinstance(machine, dict):
+        return stored
+    merged = {k: _with_new_options(v, machine.get(k)) if isinstance(v, dict) else v for k, v in stored.items()}
+    return merged | {k: v for k, v in machine.items() if k not in merged}
+
+
 def stored_run_config(stored: dict, overrides: list[str], source: str, what: str = "eval_checkpoint") -> DictConfig:
     """The config to use a stored run with (see the module docstring).
 
@@ -135,8 +146,10 @@ def stored_run_config(stored: dict, overrides: list[str], source: str, what: str
             continue
         if key == "dataloaders":
             config[key] = _stored_data(value, machine["dataloaders"], source)
-        else:
+        elif key in BUILT_WITH_DEFAULTS or not isinstance(value, dict):
             config[key] = value
+        else:  # a node the run stored before an option existed gets this machine's default for it
+            config[key] = _with_new_options(value, machine.get(key))
     cfg = OmegaConf.create(config)
     reference = OmegaConf.select(cfg, "eval.fid.reference")
     if reference is not None and reference != "heldout":  # a folder, a statistics file or a download: this machine's

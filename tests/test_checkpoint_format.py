@@ -12,6 +12,7 @@ The runs go through ``launcher.main`` in this process: the same code as the comm
 line, without an interpreter start per run.
 """
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,22 @@ def test_a_format_1_file_evaluates_to_the_numbers_its_run_logged(runs, format_1,
     assert logged["epoch"] == 1
     for key in ("eval/energy_distance", "eval/energy_distance_floor"):
         assert json.loads(written.read_text())[key] == pytest.approx(logged[key], rel=1e-9, abs=1e-12), key
+
+
+def test_a_config_stored_before_an_option_existed_evaluates_with_its_default(runs, format_1, tmp_path, monkeypatch):
+    """A run stored before ``eval.consistency_steps`` and ``eval.guidance_interval`` existed
+    evaluates with this machine's defaults for them, to the numbers its run logged."""
+    old = copy.deepcopy(format_1)
+    for key in ("consistency_steps", "guidance_interval"):
+        assert key in old["config"]["eval"]  # the run had them: drop them as an older version never wrote them
+        del old["config"]["eval"][key]
+    path = placed(old, tmp_path / "shared")
+    monkeypatch.chdir(tmp_path)
+    assert launcher.main([f"eval_checkpoint={path}", f"output_dir={tmp_path / 'out'}", "device=cpu"]) == 0
+    (written,) = run_layout(tmp_path / "out", "old").eval_dir.glob("epoch_0001_*.json")
+    result = json.loads(written.read_text())
+    assert result["settings"]["eval"]["consistency_steps"] == [] and result["settings"]["eval"]["guidance_interval"] is None
+    assert result["eval/energy_distance"] == pytest.approx(runs.cut["metrics"]["eval/energy_distance"], rel=1e-9, abs=1e-12)
 
 
 def test_a_format_1_file_resumes_to_the_weights_of_the_uncut_run(runs, format_1, tmp_path):

@@ -224,3 +224,22 @@ class PausedLaunch:
         self.proc.wait()
         self.guard.cancel()
         return self.proc.returncode
+
+
+def labelled_batch(n: int, dim: int, num_classes: int, seed: int = 0):
+    """A float64 batch of ``n`` labelled ``dim``-dimensional points for the reference comparisons."""
+    import torch
+
+    from dataloaders.base_dataloaders import make_base_item
+
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(n, dim, generator=g, dtype=torch.float64) * 2
+    x0 = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    label = torch.randint(num_classes, (n,), generator=g)
+    return make_base_item(x1, x0, torch.rand(n, generator=g, dtype=torch.float64), label)
+
+
+def relative(a, b) -> float:
+    """``|a - b| / |b|``: the relative error of ``a`` against the reference ``b``."""
+    return float((a - b).norm() / b.norm())
+

@@ -18,7 +18,7 @@ from losses.time_sampling import AlphaflowPairSampler
 from models.flow_matching.mlp import MLP
 from models.unified_input import make_unified_flow_matching_input, split_unified_input, straight_path
 from solvers.sampling import DiagonalSampler, JumpSampler
-from tests.conftest import compose_train
+from tests.conftest import compose_train, labelled_batch, relative
 
 JAX_LAW = {"name": "meanflow_jax", "ratio": 0.5, "mean": -0.4, "std": 1.0}
 
@@ -467,16 +467,6 @@ def reference_alphaflow_loss(net, x_aug: Tensor, noise_unscaled: Tensor, t: Tens
     return (weight * loss_unscaled).mean()
 
 
-def labelled_batch(n: int, dim: int = 3, seed: int = 0) -> BaseItem:
-    g = torch.Generator().manual_seed(seed)
-    x1 = torch.randn(n, dim, generator=g, dtype=torch.float64) * 2
-    x0 = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    label = torch.randint(NUM_CLASSES, (n,), generator=g)
-    return make_base_item(x1, x0, torch.rand(n, generator=g, dtype=torch.float64), label)
-
-
-def relative(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 GUIDED = {"num_classes": NUM_CLASSES, "class_drop_prob": 0.4, "cfg_omega": 1.5, "cfg_kappa": 0.25, "cfg_interval": [0.2, 0.7]}
@@ -491,7 +481,7 @@ def test_interval_label_drop_matches_the_reference(alpha: float, jvp_mode: str) 
     n, seed = 32, 2
     torch.manual_seed(3)
     model = LabelledField().double()
-    batch = labelled_batch(n)
+    batch = labelled_batch(n, 3, NUM_CLASSES)
     loss_fn = AlphaFlowLoss(**GUIDED, class_drop="alphaflow", alpha_schedule="constant", alpha_start=alpha, jvp_mode=jvp_mode)
     torch.manual_seed(seed)
     loss = loss_fn(model, batch)
@@ -577,7 +567,7 @@ def test_alpha_zero_with_the_skip_is_meanflow_in_float64() -> None:
     draws (dimension-averaged eps against summed D eps): loss and gradients <= 1e-12."""
     torch.manual_seed(3)
     model = LabelledField().double()
-    batch = labelled_batch(32)
+    batch = labelled_batch(32, 3, NUM_CLASSES)
     alpha_loss = AlphaFlowLoss(**GUIDED, alpha_schedule="constant", alpha_start=0.0, eps=1e-3)
     meanflow_loss = MeanFlowLoss(**GUIDED, time={"name": "alphaflow"}, p=1.0, eps=3 * 1e-3)
     results = []

@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dataloaders.base_dataloaders import BaseItem, make_base_item
 from helpers_cfg import training_labels
 from losses.imf_loss import IMFLoss
 from models.flow_matching.mlp import MLP
 from models.unified_input import make_unified_flow_matching_input, split_unified_input
+from tests.conftest import labelled_batch, relative
 
 NUM_CLASSES = 4
 TOL = 1e-12
@@ -123,16 +123,6 @@ def reference_imf_loss(net, images: Tensor, e: Tensor, t: Tensor, r: Tensor, fm_
     return (loss_u + loss_v).mean()
 
 
-def make_batch(n: int, dim: int, seed: int = 0) -> BaseItem:
-    g = torch.Generator().manual_seed(seed)
-    x1 = torch.randn(n, dim, generator=g, dtype=torch.float64) * 2
-    x0 = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    label = torch.randint(NUM_CLASSES, (n,), generator=g)
-    return make_base_item(x1, x0, torch.rand(n, generator=g, dtype=torch.float64), label)
-
-
-def relative(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def build_model(kind: str) -> nn.Module:
@@ -153,7 +143,7 @@ def test_full_forward_matches_imf_py(kind: str, jvp_mode: str) -> None:
     iMF's class drop: the loss and every gradient equal the transcription's."""
     n, drop_prob = 32, 0.3
     model = build_model(kind)
-    batch = make_batch(n, 3)
+    batch = labelled_batch(n, 3, NUM_CLASSES)
     loss_fn = IMFLoss(num_classes=NUM_CLASSES, class_drop_prob=drop_prob, class_drop="imeanflow", num_conds=3, aux_head=True,
                       jvp_mode=jvp_mode)
     torch.manual_seed(4)
@@ -190,7 +180,7 @@ def test_the_comparison_can_fail() -> None:
     """Not vacuous: independent drops move the loss off the transcription, and the u part of
     the loss (``mse``) reads the auxiliary head, through v_c and v_u alone."""
     n = 32
-    model, batch = build_model("local"), make_batch(n, 3)
+    model, batch = build_model("local"), labelled_batch(n, 3, NUM_CLASSES)
     common = {"num_classes": NUM_CLASSES, "class_drop_prob": 0.3, "num_conds": 3, "aux_head": True}
 
     def run(loss_fn: IMFLoss) -> tuple[Tensor, Tensor]:
@@ -248,7 +238,7 @@ def test_dropped_rows_are_the_first_rows_of_a_training_step() -> None:
     loss_fn = IMFLoss(num_classes=NUM_CLASSES, class_drop_prob=0.3, class_drop="imeanflow", num_conds=3, aux_head=True)
     for seed in range(20):
         torch.manual_seed(seed)
-        loss_fn(model, make_batch(n, 3, seed))
+        loss_fn(model, labelled_batch(n, 3, NUM_CLASSES, seed))
     for labels in seen:
         dropped = labels == NUM_CLASSES
         assert torch.equal(dropped, torch.arange(n) < int(dropped.sum()))

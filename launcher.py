@@ -168,6 +168,19 @@ def job_run_name(overrides: list[str], swept: str) -> str:
 
 
 @contextmanager
+def typed_as(overrides: list[str]) -> Iterator[None]:
+    """``sys.argv`` as the command that reproduces one job alone (``python launcher.py
+    <its overrides>``), which the run records (trackio's ``command``), not the sweep's line or a
+    worker's own argv."""
+    typed = sys.argv[0] if sys.argv and sys.argv[0].endswith("launcher.py") else "launcher.py"  # a worker's own is not
+    sweep_argv, sys.argv = sys.argv, [typed, *overrides]
+    try:
+        yield
+    finally:
+        sys.argv = sweep_argv
+
+
+@contextmanager
 def compose_api_free() -> Iterator[None]:
     """Hydra's global instance set aside while a job composes its overrides as a typed command
     does: the compose API refuses to start while the sweep's instance is set."""
@@ -209,7 +222,7 @@ def sweep_job(_: DictConfig) -> int:
         if (folder / PREEMPTED).exists():  # this job, requeued: it continues the run it checkpointed
             overrides = [o for o in overrides if override_key(o) not in ("resume", "overwrite")] + ["resume=true"]
     try:
-        with compose_api_free():
+        with compose_api_free(), typed_as(overrides):
             status, error = run(overrides, job.job.env_set.get(BACKEND, "local")), ""
     except Preempted as stop:
         status, error = report(stop), one_line(stop)

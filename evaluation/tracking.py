@@ -12,6 +12,7 @@ row (with the evaluation) share the step, and a kill during that evaluation must
 lose the second. A rollback redoes steps too, and is handled the same way.
 """
 
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 SAMPLES = "eval/samples"  # the sample picture: sent to trackio, never kept in the history
 NOT_METRICS = ("step", "timestamp", SAMPLES)  # what trackio's rows hold besides the logged metrics
+
+
+def command_line() -> str:
+    """The command that started this run, as a shell reads it back (a sweep job's is its own
+    overrides: ``launcher.typed_as``); empty when the launcher did not start it."""
+    return shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("launcher.py") else ""
 
 
 def row_key(row: dict) -> tuple[int, tuple[str, ...]]:
@@ -80,7 +87,7 @@ class RunRecord:
         from trackio.sqlite_storage import SQLiteStorage
 
         config, system = OmegaConf.to_container(cfg, resolve=True), cfg.trackio.system_metrics
-        config["command"] = " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("launcher.py") else ""
+        config["command"] = command_line()
         trackio.init(project=cfg.trackio.project, name=cfg.run_name, config=config,
                      resume="allow" if cfg.resume else "never", embed=False,  # allow: a kill may precede its first flush
                      auto_log_gpu=None if system else False, auto_log_cpu=None if system else False)  # None: trackio detects

@@ -129,6 +129,21 @@ def test_the_slurm_launchers_composed_config(sweep_env, capsys):
     assert os.environ["SUBMITIT_PREEMPT_SIGNAL"] == "USR1"  # submitit signals what train.py checkpoints on
 
 
+def test_a_job_records_the_command_that_reruns_it_alone(sweep_env, monkeypatch, tmp_path):
+    """What trackio's ``command`` holds for each job: the job's own overrides typed without
+    ``-m`` (quoted for a shell), not the sweep's line."""
+    from evaluation.tracking import command_line
+
+    recorded = []
+    monkeypatch.setattr(launcher, "run", lambda overrides, backend: recorded.append(command_line()) or 0)
+    monkeypatch.setattr(sys, "argv", ["launcher.py", "-m"])
+    monkeypatch.chdir(tmp_path)
+    assert launcher.main(["-m", "run_name=cmp", "seed=0,1", "eval.guidance_interval=[0.1,0.9]"]) == 0
+    assert recorded == [f"python launcher.py seed={seed} 'eval.guidance_interval=[0.1,0.9]' run_name=cmp_seed-{seed}"
+                        for seed in (0, 1)]
+    assert sys.argv == ["launcher.py", "-m"]  # the sweep's own, once it is over
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["-m", "seed=0,1"], "error: run_name is required"),
     (["-m", "run_name=x", "experiment=nope,demo_imf"], "error: In 'train': Could not find 'experiment/nope'"),

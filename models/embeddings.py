@@ -28,18 +28,22 @@ from torch import Tensor, nn
 from models.layers import Linear, SiLU
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Transformer sinusoidal embedding (Vaswani et al. 2017, Sec. 3.5) of times (B,) -> (B, dim).
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1.0) -> Tensor:
+    """Transformer sinusoidal embedding (Vaswani et al. 2017, Sec. 3.5) of ``scale * t``
+    (B,) -> (B, dim): frequencies from 1 down to ``1 / max_period`` per unit of ``scale * t``.
 
-    Times in [0, 1] are scaled by 1000, the range DDPM/DiT embedders were designed
-    for, so that the lowest frequencies still vary across the unit interval. Computed
-    in float32 at least, and in float64 when the times are float64 (finite-difference
-    tests need that precision).
+    ``scale`` 1 embeds a time in [0, 1] as it is, as the one-step references do
+    (py-meanflow's UNet ``PositionalEmbedding``; the DiTs of the MeanFlow JAX code, of
+    imeanflow and of AlphaFlow); DDPM and DiT embed integer steps 0..999, which
+    ``scale`` 1000 imitates. The scale multiplies the embedding's derivative in time,
+    and so the JVP ``du/ds`` that MeanFlow's target carries. Computed in float32 at
+    least, and in float64 when the times are float64 (finite-difference tests need that
+    precision).
     """
     dtype = torch.promote_types(t.dtype, torch.float32)
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
-    args = 1000.0 * t.to(dtype)[:, None] * freqs[None]  # (B, half)
+    args = scale * t.to(dtype)[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=1)
@@ -49,13 +53,13 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding followed by a two-layer MLP: (B,) -> (B, out_dim)."""
 
-    def __init__(self, out_dim: int, frequency_dim: int = 256) -> None:
+    def __init__(self, out_dim: int, frequency_dim: int = 256, scale: float = 1.0) -> None:
         super().__init__()
-        self.frequency_dim = frequency_dim
+        self.frequency_dim, self.scale = frequency_dim, scale
         self.mlp = nn.Sequential(Linear(frequency_dim, out_dim), SiLU(), Linear(out_dim, out_dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.frequency_dim))  # (B, out_dim)
+        return self.mlp(sinusoidal_embedding(t, self.frequency_dim, scale=self.scale))  # (B, out_dim)
 
 
 # time_cond -> the times it embeds, in the order their embedders are built
@@ -81,12 +85,12 @@ class TimeEmbedder(nn.Module):
 
     NAMES = {"s": "s_embedder", "t": "t_embedder", "h": "interval_embedder"}
 
-    def __init__(self, out_dim: int, frequency_dim: int = 256, time_cond: str = "s_h") -> None:
+    def __init__(self, out_dim: int, frequency_dim: int = 256, time_cond: str = "s_h", time_scale: float = 1.0) -> None:
         super().__init__()
         check_time_cond(time_cond)
         self.time_cond = time_cond
         for name in TIME_CONDS[time_cond]:
-            setattr(self, self.NAMES[name], TimestepEmbedder(out_dim, frequency_dim))
+            setattr(self, self.NAMES[name], TimestepEmbedder(out_dim, frequency_dim, time_scale))
 
     def embedders(self) -> list[TimestepEmbedder]:
         return [getattr(self, self.NAMES[name]) for name in TIME_CONDS[self.time_cond]]
@@ -108,9 +112,9 @@ class ConditionEmbedder(nn.Module):
     The embedding is scaled for values in [0, 1]: a guidance scale ω >= 1 fits as
     1 - 1/ω, the form iMF's DiT embeds."""
 
-    def __init__(self, num_conds: int, out_dim: int, frequency_dim: int = 256) -> None:
+    def __init__(self, num_conds: int, out_dim: int, frequency_dim: int = 256, time_scale: float = 1.0) -> None:
         super().__init__()
-        self.embedders = nn.ModuleList([TimestepEmbedder(out_dim, frequency_dim) for _ in range(num_conds)])
+        self.embedders = nn.ModuleList([TimestepEmbedder(out_dim, frequency_dim, time_scale) for _ in range(num_conds)])
 
     def forward(self, cond: Tensor) -> list[Tensor]:
         return [embed(cond[:, i]) for i, embed in enumerate(self.embedders)]

@@ -80,7 +80,24 @@ def upgrade(state: object, source: str) -> dict:
     if state["format"] > FORMAT:
         raise CheckpointError(f"{source} has format {state['format']}, newer than this version reads ({FORMAT}): update DenoisingZoo")
     state["format"] = FORMAT
+    state["config"] = with_time_scale(state["config"])
     return state
+
+
+# The models whose times (and conditions) pass through the sinusoidal embedding of
+# models/embeddings.py. Their configs gained ``time_scale`` when its default became 1 (the
+# one-step references); a stored config without it was trained with times scaled by 1000.
+TIME_EMBEDDING_MODELS = ("models.unet.unet.UNet", "models.flow_matching.cnn.SmallCNN", "models.dit.dit.DiT")
+SCALE_BEFORE_THE_OPTION = 1000.0
+
+
+def with_time_scale(config: dict) -> dict:
+    """``config`` with the time scale its model was trained with spelled out (a file written
+    before ``model.time_scale`` existed: 1000)."""
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("_target_") not in TIME_EMBEDDING_MODELS or "time_scale" in model:
+        return config
+    return {**config, "model": {**model, "time_scale": SCALE_BEFORE_THE_OPTION}}
 
 
 def require_resume(state: dict, source: str) -> None:
@@ -199,7 +216,7 @@ def stored_config(config: object, source: str) -> dict:
     config = plain_data(config, source, "config", builders=True, interpolations=False)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{source}: its config has no model section: expected the resolved config that training stores")
-    return config
+    return with_time_scale(config)
 
 
 def check_stored_model(config: dict, source: str) -> None:

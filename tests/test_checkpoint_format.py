@@ -166,3 +166,49 @@ def test_a_file_of_weights_alone_evaluates_but_is_not_resumed(runs, tmp_path, ca
     (written,) = run_layout(tmp_path / "eval", "old").eval_dir.glob("epoch_0001_*.json")
     assert json.loads(written.read_text())["eval/energy_distance"] == pytest.approx(
         runs.cut["metrics"]["eval/energy_distance"], rel=1e-9, abs=1e-12)
+
+
+def test_a_model_stored_before_time_scale_existed_is_rebuilt_as_it_was_trained():
+    """Time embeddings scaled times by 1000 before ``model.time_scale`` existed (now 1, as the
+    one-step references): a stored config without the key, in a checkpoint or an export, means
+    1000, so its weights give the outputs they were trained to give."""
+    from models.unified_input import make_unified_flow_matching_input
+    from runs.build import build_model
+    from runs.checkpoint import build_stored_model, stored_config, upgrade
+
+    cfg = {"_target_": "models.flow_matching.cnn.SmallCNN", "name": "cnn", "in_channels": 1, "image_size": 8,
+           "hidden_channels": 8, "emb_dim": 16, "num_groups": 4}
+    trained = build_model({**cfg, "time_scale": 1000.0})
+    with torch.no_grad():
+        for p in trained.parameters():  # the zero-initialised output layer would make every model agree
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    z = make_unified_flow_matching_input(torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.6]), torch.tensor([0.5, 0.9]))
+    old_file = {"format": 2, "config": {"model": cfg}, "model": trained.state_dict(), "ema": {}, "step": 0, "epoch": 0}
+    for stored in (upgrade(copy.deepcopy(old_file), "old checkpoint")["config"], stored_config({"model": cfg}, "old export")):
+        assert stored["model"]["time_scale"] == 1000.0
+        rebuilt = build_stored_model(stored, "old file")
+        rebuilt.load_state_dict(trained.state_dict())
+        torch.testing.assert_close(rebuilt(z), trained(z), rtol=0, atol=0)
+    as_now = build_stored_model({"model": {**cfg, "time_scale": 1.0}}, "new file")
+    as_now.load_state_dict(trained.state_dict())
+    assert not torch.allclose(as_now(z), trained(z))  # the key matters: read as today's default, the outputs differ
+    mlp = {"_target_": "models.flow_matching.mlp.MLP", "name": "mlp"}
+    assert "time_scale" not in stored_config({"model": mlp}, "mlp file")["model"]  # its own Fourier band, no such option
+
+
+def test_the_models_read_with_a_time_scale_are_those_that_have_one():
+    import importlib
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from runs.checkpoint import TIME_EMBEDDING_MODELS
+    from tests.conftest import CONFIG_DIR
+
+    targets = {OmegaConf.load(path)["_target_"] for path in (CONFIG_DIR / "model").glob("*.yaml")}
+    having = set()
+    for target in targets:
+        module, _, name = target.rpartition(".")
+        if "time_scale" in inspect.signature(getattr(importlib.import_module(module), name)).parameters:
+            having.add(target)
+    assert having == set(TIME_EMBEDDING_MODELS)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.func import jvp
 
+from models.embeddings import sinusoidal_embedding
 from models.unified_input import make_unified_flow_matching_input
 from models.attention import attention, jvp_safe_attention
 from models.dit.dit import DiT
@@ -139,7 +140,7 @@ def test_jvp_matches_central_differences_in_float64(kind, num_classes):
     with jvp_safe_attention():
         out, du = jvp(f, (z,), (tangent,))
     torch.testing.assert_close(out, f(z))
-    h = 1e-7  # the 1000x time scaling makes high derivatives in s large: keep the truncation error small
+    h = 1e-7  # small enough for the truncation error of a model with time_scale 1000 too
     with torch.no_grad():
         fd = (f(z + h * tangent) - f(z - h * tangent)) / (2 * h)
     assert (du - fd).norm() / fd.norm() < 1e-6
@@ -148,6 +149,28 @@ def test_jvp_matches_central_differences_in_float64(kind, num_classes):
     with jvp_safe_attention():
         _, du_s = jvp(f, (z,), (s_only,))
     assert du_s.abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_time_scale_is_the_steepest_rate_of_the_time_embedding(scale):
+    """d/dt of the embedding of ``scale * t`` is at most ``scale`` (the top frequency is 1 rad per
+    unit), reached at t = 0 by its sine: the references' scale 1 gives MeanFlow's JVP in time a
+    slope of order 1, DDPM's 1000 one of order 1000."""
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    emb, slope = jvp(lambda t_: sinusoidal_embedding(t_, 64, scale=scale), (t,), (torch.ones_like(t),))
+    assert emb.shape == (101, 64)
+    torch.testing.assert_close(slope.abs().max(), torch.tensor(scale, dtype=torch.float64), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(sinusoidal_embedding(t, 64, scale=scale), sinusoidal_embedding(scale * t, 64))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_time_scale_reaches_every_time_and_condition_embedder(kind):
+    model = {"cnn": SmallCNN(3, 8, hidden_channels=8, emb_dim=16, num_groups=4, num_conds=3, time_scale=1000.0),
+             "unet": UNet(3, 8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                          num_heads=2, num_conds=3, time_scale=1000.0),
+             "dit": DiT(3, 8, hidden_size=16, depth=2, num_heads=2, frequency_dim=16, num_conds=3, time_scale=1000.0)}[kind]
+    scales = [m.scale for m in model.modules() if type(m).__name__ == "TimestepEmbedder"]
+    assert len(scales) == 2 + 3 and set(scales) == {1000.0}  # s, h and the three conditions
 
 
 # ---------------------------------------------------------------------------------

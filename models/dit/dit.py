@@ -144,6 +144,8 @@ class DiT(BaseModel):
             and at the first forward with one-line errors).
         num_conds, aux_head, time_cond: extra conditions, the auxiliary velocity head,
             the times embedded (``models/base_model.py``).
+        time_scale: the factor on times and conditions before their sinusoidal embedding
+            (``models/embeddings.py``): 1 as the one-step references, 1000 as DDPM.
         cond_tokens: the conditioning as in-context tokens instead of adaLN (module docstring).
         aux_depth: blocks of the auxiliary head's own (0: a second final layer on the
             shared blocks' output); only with ``aux_head``.
@@ -172,6 +174,7 @@ class DiT(BaseModel):
         cond_tokens: bool = False,
         aux_depth: int = 0,
         shared_depth: int | None = None,
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__(num_classes, augment_dim, num_conds, aux_head, time_cond)
         check_attention_jvp(attention_jvp)
@@ -201,10 +204,10 @@ class DiT(BaseModel):
         self.x_embedder = Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         # fixed, not learned; recomputed at construction, so not stored in checkpoints
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
-        self.time_embed = TimeEmbedder(hidden_size, frequency_dim, time_cond)
+        self.time_embed = TimeEmbedder(hidden_size, frequency_dim, time_cond, time_scale)
         self.class_embed = ClassEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         self.augment_embed = AugmentEmbedder(augment_dim, hidden_size) if augment_dim > 0 else None
-        self.cond_embed = ConditionEmbedder(num_conds, hidden_size, frequency_dim) if num_conds > 0 else None
+        self.cond_embed = ConditionEmbedder(num_conds, hidden_size, frequency_dim, time_scale) if num_conds > 0 else None
         block = lambda: DiTBlock(hidden_size, num_heads, mlp_ratio, attention_jvp, adaptive=not cond_tokens)
         self.blocks = nn.ModuleList([block() for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, adaptive=not cond_tokens)

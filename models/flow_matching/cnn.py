@@ -52,6 +52,8 @@ class SmallCNN(BaseModel):
         num_groups: GroupNorm groups (must divide every level's width).
         num_conds, aux_head, time_cond: extra conditions, the auxiliary output layer,
             the times embedded (``models/base_model.py``).
+        time_scale: the factor on times and conditions before their sinusoidal embedding
+            (``models/embeddings.py``): 1 as the one-step references, 1000 as DDPM.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class SmallCNN(BaseModel):
         num_conds: int = 0,
         aux_head: bool = False,
         time_cond: str = "s_h",
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__(num_classes, num_conds=num_conds, aux_head=aux_head, time_cond=time_cond)
         channel_mult = tuple(channel_mult)
@@ -78,9 +81,9 @@ class SmallCNN(BaseModel):
         self.in_channels = in_channels
         self.image_size = image_size
 
-        self.time_embed = TimeEmbedder(emb_dim, frequency_dim=64, time_cond=time_cond)
+        self.time_embed = TimeEmbedder(emb_dim, 64, time_cond, time_scale)
         self.class_embed = ClassEmbedder(num_classes, emb_dim) if num_classes > 0 else None
-        self.cond_embed = ConditionEmbedder(num_conds, emb_dim, frequency_dim=64) if num_conds > 0 else None
+        self.cond_embed = ConditionEmbedder(num_conds, emb_dim, 64, time_scale) if num_conds > 0 else None
         self.conv_in = Conv2d(in_channels, widths[0], 3, padding=1)
 
         block = lambda i, o: ResBlock(i, o, emb_dim, num_groups, dropout)

@@ -115,6 +115,8 @@ class UNet(BaseModel):
         num_heads: attention heads (DDPM++ uses 1).
         num_conds, aux_head, time_cond: extra conditions, the auxiliary output layer,
             the times embedded (``models/base_model.py``).
+        time_scale: the factor on times and conditions before their sinusoidal embedding
+            (``models/embeddings.py``): 1 as the one-step references, 1000 as DDPM.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class UNet(BaseModel):
         num_conds: int = 0,
         aux_head: bool = False,
         time_cond: str = "s_h",
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__(num_classes, augment_dim, num_conds, aux_head, time_cond)
         channel_mult = tuple(channel_mult)
@@ -147,10 +150,10 @@ class UNet(BaseModel):
         self.image_size = image_size
         emb_dim = 4 * model_channels  # ADM/DDPM++ embedding width
 
-        self.time_embed = TimeEmbedder(emb_dim, frequency_dim=model_channels, time_cond=time_cond)
+        self.time_embed = TimeEmbedder(emb_dim, model_channels, time_cond, time_scale)
         self.class_embed = ClassEmbedder(num_classes, emb_dim) if num_classes > 0 else None
         self.augment_embed = AugmentEmbedder(augment_dim, emb_dim) if augment_dim > 0 else None
-        self.cond_embed = ConditionEmbedder(num_conds, emb_dim, frequency_dim=model_channels) if num_conds > 0 else None
+        self.cond_embed = ConditionEmbedder(num_conds, emb_dim, model_channels, time_scale) if num_conds > 0 else None
 
         # Encoder: every module's output is kept as a skip for the decoder.
         self.conv_in = Conv2d(in_channels, model_channels, 3, padding=1)

@@ -52,7 +52,7 @@ NOT_RUN: list[tuple[str, str]] = [
     (r" --backend modal\b", "trains on Modal: credentials and the network"),
     (r"^python scripts/modal_app\.py ", "reads a Modal volume: credentials and the network (tests/test_modal.py runs it without them)"),
     (r" device=cuda\b", "needs a CUDA GPU"),
-    (r" experiment=digits_", "about 10 minutes on a CPU; tests/test_image_e2e.py trains an image run"),
+    (r" experiment=digits_", "minutes on a CPU; tests/test_image_e2e.py trains an image run"),
 ]
 
 # Placeholders of the docs, as whole words: the run the quick start trains.

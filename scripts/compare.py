@@ -18,7 +18,8 @@ are re-evaluations with settings of their own. An unfinished run is refused.
 
 A table cell is the mean over the group's seeds and the half-width of its 95% interval,
 t(0.975, n - 1) * s / sqrt(n) (Student t, s the sample standard deviation); a group of
-one run shows its value and ``n=1``. Columns: the k-step samplers (``NFE k``), the solver
+one run shows its value and ``n=1``. Columns: the k-step samplers of uniform grids (``NFE k``;
+``NFE k consistency`` for ``eval.consistency_steps``; time-list grids are left out), the solver
 on the diagonal and its NFE, the data floor (energy distance), throughput and peak memory.
 ``--out DIR`` writes report.md, score_vs_nfe.png and, when the runs evaluated at several
 steps, score_vs_step.png. Every failure is one line on stderr and a non-zero exit status
@@ -48,6 +49,7 @@ from runs.layout import DEFAULT_OUTPUT_DIR, _flat, ckpt_root, find_runs, is_loca
 
 METRICS = ("energy_distance", "fid")
 FLOOR = "eval/energy_distance_floor"
+CONSISTENCY = "consistency"  # the metric suffix of consistency sampling (solvers/sampling.py, ConsistencySampler)
 THROUGHPUT = "train/samples_per_sec"
 MEMORY_KEYS = ("cuda/peak_mb", "mps/driver_mb", "proc/rss_mb")  # runs/device_metrics.py; the first every run records
 # Where a run ran, not what it is, and how it was launched (a command line names its seed; the
@@ -206,9 +208,12 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 def columns(runs: list[Run], metric: str) -> list[Column]:
     """The table's columns: the k-step scores, the solver's, then what every run records."""
-    steps = sorted({int(k.removeprefix(f"eval/{metric}_").removesuffix("step")) for run in runs for k in run.metrics
-                    if k.startswith(f"eval/{metric}_") and k.endswith("step")})
-    out = [Column(f"NFE {k}", f"eval/{metric}_{k}step") for k in steps]
+    def counts(suffix: str) -> list[int]:  # k of the k-step samplers (``_{k}step``, ``_{k}step_consistency``)
+        return sorted({int(middle) for run in runs for key in run.metrics if key.startswith(f"eval/{metric}_")
+                       and key.endswith(suffix) and (middle := key[len(f"eval/{metric}_"):-len(suffix)]).isdigit()})
+
+    out = [Column(f"NFE {k}", f"eval/{metric}_{k}step") for k in counts("step")]
+    out += [Column(f"NFE {k} {CONSISTENCY}", f"eval/{metric}_{k}step_{CONSISTENCY}") for k in counts(f"step_{CONSISTENCY}")]
     if any(f"eval/{metric}" in run.metrics for run in runs):
         out += [Column("solver", f"eval/{metric}"), Column("solver NFE", "eval/nfe", spread=False)]
     if not out:
@@ -287,7 +292,8 @@ def save_figure(fig, path: Path) -> None:
 def plot_nfe(groups: list[Group], cols: list[Column], metric: str, path: Path) -> None:
     """The score against NFE: the k-step samplers joined, the solver a square, each group's floor dashed."""
     fig, ax = pyplot().subplots(figsize=(6.5, 4))
-    jump_cols = [c for c in cols if c.heading.startswith("NFE ")]
+    jump_cols = [c for c in cols if c.heading.startswith("NFE ") and not c.heading.endswith(CONSISTENCY)]
+    consistency_cols = [c for c in cols if c.heading.startswith("NFE ") and c.heading.endswith(CONSISTENCY)]
     solver = next((c for c in cols if c.heading == "solver"), None)
     plotted: list[float] = []
     for i, group in enumerate(groups):
@@ -298,6 +304,10 @@ def plot_nfe(groups: list[Group], cols: list[Column], metric: str, path: Path) -
             ax.errorbar([k for k, _ in jumps], [m for _, (m, _) in jumps], yerr=[h or 0 for _, (_, h) in jumps],
                         marker="o", label=label, **style)
             plotted += [m for _, (m, _) in jumps]
+        if chain := [(int(c.heading.split()[1]), interval(v)) for c in consistency_cols if (v := cell_values(group, c))]:
+            ax.errorbar([k * 1.1 for k, _ in chain], [m for _, (m, _) in chain],  # beside the jump chain's point yerr=[h or 0 for _, (_, h) in chain],
+                        marker="^", linestyle=":", label=None if jumps else label, **style)
+            plotted += [m for _, (m, _) in chain]
         if solver is not None and (values := cell_values(group, solver)):
             (mean, half), (nfe, _) = interval(values), interval(cell_values(group, Column("", "eval/nfe")))
             ax.errorbar([nfe], [mean], yerr=[half or 0], marker="s", linestyle="none", label=None if jumps else label, **style)
@@ -309,7 +319,7 @@ def plot_nfe(groups: list[Group], cols: list[Column], metric: str, path: Path) -
     ax.set_xscale("log", base=2)
     set_yscale(ax, plotted)
     what = metric.replace("_", " ")
-    ax.set(xlabel="network evaluations per sample (NFE; squares: the solver)", ylabel=what,
+    ax.set(xlabel="network evaluations per sample (NFE; squares: the solver; triangles: consistency sampling)", ylabel=what,
            title=f"{what}: mean, 95% interval over seeds" + ("; dashed: data floor" if metric == "energy_distance" else ""))
     ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import launcher
-from scripts.compare import Run, group_runs, interval, main
+from scripts.compare import Run, columns, group_runs, interval, main
 from tests.conftest import TINY_OVERRIDES, run_layout
 
 # t(0.975, dof) from a printed table (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
@@ -73,6 +73,20 @@ def test_label_names_the_fewest_keys_that_tell_groups_apart():
     assert [(g.label, [r.name for r in g.runs]) for g in groups] == [
         ("loss=imf loss.p=1.0", ["d"]), ("loss=meanflow loss.p=0.5", ["a", "b"]), ("loss=meanflow loss.p=1.0", ["c"])]
     assert groups[0].settings == ["eval.repeats=4", "loss._target_=losses.imf_loss.IMFLoss", "loss=imf", "loss.p=1.0"]
+
+
+def test_consistency_sampling_has_columns_of_its_own():
+    """``eval.consistency_steps`` scores (``..._{k}step_consistency``) are columns beside the jump
+    chain's, each with its own value; time-list grids (not a step count) are not taken for one."""
+    metrics = {"eval/energy_distance_1step": 0.3, "eval/energy_distance_2step": 0.2,
+               "eval/energy_distance_2step_consistency": 0.1, "eval/energy_distance_2step_t0-0.45-1": 0.4,
+               "eval/energy_distance_2step_t0-0.45-1_consistency": 0.4,
+               "eval/energy_distance": 0.05, "eval/nfe": 100.0, "eval/energy_distance_floor": 0.01}
+    run = Run("a", Path("a"), {"seed": 0}, metrics, [])
+    cols = columns([run], "energy_distance")
+    assert [(c.heading, c.value(run)) for c in cols] == [
+        ("NFE 1", 0.3), ("NFE 2", 0.2), ("NFE 2 consistency", 0.1), ("solver", 0.05), ("solver NFE", 100.0),
+        ("floor", 0.01)]
 
 
 def test_table_and_figures_match_the_stored_numbers(sweep, tmp_path, capsys):

@@ -72,6 +72,13 @@ def check_time_cond(time_cond: str) -> None:
         raise ValueError(f"time_cond={time_cond!r}: expected one of {list(TIME_CONDS)} (models/embeddings.py)")
 
 
+def check_time_scale(time_scale: float) -> None:
+    """The factor on times before their embedding: a finite number > 0 (0 would make every time alike)."""
+    if not (isinstance(time_scale, int | float) and math.isfinite(time_scale) and time_scale > 0):
+        raise ValueError(f"time_scale={time_scale!r}: expected a finite number > 0 (1: times as they are, as the "
+                         "one-step references; 1000: DDPM's integer-step range)")
+
+
 def time_inputs(s: Tensor, t: Tensor, time_cond: str) -> list[Tensor]:
     """The times ``time_cond`` reads from ``(s, t)``, each (B,), in ``TIME_CONDS`` order."""
     named = {"s": s, "t": t, "h": t - s}
@@ -88,6 +95,7 @@ class TimeEmbedder(nn.Module):
     def __init__(self, out_dim: int, frequency_dim: int = 256, time_cond: str = "s_h", time_scale: float = 1.0) -> None:
         super().__init__()
         check_time_cond(time_cond)
+        check_time_scale(time_scale)
         self.time_cond = time_cond
         for name in TIME_CONDS[time_cond]:
             setattr(self, self.NAMES[name], TimestepEmbedder(out_dim, frequency_dim, time_scale))

@@ -212,7 +212,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 
 def stored_config(config: object, source: str) -> dict:
-    """A config read from a file, checked to be plain resolved data with a model node."""
+    """A config read from a file, checked to be plain resolved data with a model node, its
+    time scale spelled out (``with_time_scale``: an export's config reaches it only here)."""
     config = plain_data(config, source, "config", builders=True, interpolations=False)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{source}: its config has no model section: expected the resolved config that training stores")
